@@ -1,0 +1,238 @@
+"""Recompute the gates that the fused kernels of nn.LSTM and nn.GRU hide.
+
+Pure functions: no hooks, no state. The recurrences follow the equations in the
+PyTorch documentation, gate order (i, f, g, o) for the LSTM and (r, z, n) for
+the GRU, and reproduce the modules' own outputs to rounding error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+__all__ = ["GateTrace", "GRUTrace", "lstm_gates", "gru_gates"]
+
+
+@dataclass(frozen=True)
+class GateTrace:
+    """The internals of one LSTM layer and direction, batch first, indexed by real time."""
+
+    i: Tensor  # (B, T, H) input gate
+    f: Tensor  # (B, T, H) forget gate
+    g: Tensor  # (B, T, H) cell candidate (tanh)
+    o: Tensor  # (B, T, H) output gate
+    c: Tensor  # (B, T, H) cell state after step t
+    h: Tensor  # (B, T, P or H) hidden state after step t (projected when proj_size > 0)
+    mask: Tensor  # (B, T) bool, True on the valid steps
+    layer: int
+    direction: int  # 0 forward, 1 reverse
+
+
+@dataclass(frozen=True)
+class GRUTrace:
+    """The internals of one GRU layer and direction, batch first, indexed by real time."""
+
+    r: Tensor  # (B, T, H) reset gate
+    z: Tensor  # (B, T, H) update gate
+    n: Tensor  # (B, T, H) new-state candidate (tanh)
+    h: Tensor  # (B, T, H)
+    mask: Tensor  # (B, T) bool
+    layer: int
+    direction: int
+
+
+class SeqBatch(NamedTuple):
+    """An RNN input brought to one shape: x (B, T, F) batch first, mask (B, T), lengths (B,)."""
+
+    x: Tensor
+    mask: Tensor
+    lengths: Tensor
+    packed: bool
+    unbatched: bool
+
+
+def as_batch(module: nn.RNNBase, input: Tensor | PackedSequence) -> SeqBatch:
+    """Bring a module's input to (B, T, F), batch first, in the caller's batch order."""
+    if isinstance(input, PackedSequence):
+        # pad_packed_sequence restores the caller's order (unsorted_indices).
+        x, lengths = pad_packed_sequence(input, batch_first=True)
+        packed, unbatched = True, False
+    else:
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(0) if unbatched else (input if module.batch_first else input.transpose(0, 1))
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        packed = False
+    t = torch.arange(x.shape[1])
+    mask = (t[None, :] < lengths[:, None]).to(x.device)
+    return SeqBatch(x, mask, lengths, packed, unbatched)
+
+
+def _state(module: nn.RNNBase, hx: Tensor | None, unbatched: bool) -> Tensor | None:
+    """A state tensor (L * D, B, H) from what the caller passed, or None."""
+    if hx is None:
+        return None
+    return hx.unsqueeze(1) if unbatched else hx
+
+
+_ROLES = (("w_ih", "weight_ih"), ("w_hh", "weight_hh"), ("b_ih", "bias_ih"), ("b_hh", "bias_hh"), ("w_hr", "weight_hr"))
+
+
+def rnn_params(module: nn.RNNBase, named: dict[str, Tensor] | None = None) -> list[dict[str, Tensor | None]]:
+    """The weights of every (layer, direction) in h_n's order, from the module or a name -> tensor map."""
+    named = dict(module.named_parameters()) if named is None else named
+    d = 2 if module.bidirectional else 1
+    out = []
+    for k in range(module.num_layers):
+        for j in range(d):
+            sfx = f"_l{k}" + ("_reverse" if j else "")
+            out.append({role: named.get(n + sfx) for role, n in _ROLES})
+    return out
+
+
+def _lstm_direction(p, x, mask, h, c, reverse):
+    """One direction of one layer; x (B, T, F). Returns the per-step tensors and the carried states."""
+    xw = x @ p["w_ih"].T  # (B, T, 4H), all timesteps at once as the fused kernel does
+    if p["b_ih"] is not None:
+        xw = xw + p["b_ih"] + p["b_hh"]
+    gi, gf, gg, go, cs, hs = ([None] * x.shape[1] for _ in range(6))
+    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+    for t in steps:
+        z = xw[:, t] + h @ p["w_hh"].T
+        i, f, g, o = z.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        h_new = o * torch.tanh(c_new)
+        if p["w_hr"] is not None:
+            h_new = h_new @ p["w_hr"].T
+        m = mask[:, t, None]
+        # A packed sequence that has ended keeps its state: what nn.LSTM returns in h_n.
+        c = torch.where(m, c_new, c)
+        h = torch.where(m, h_new, h)
+        gi[t], gf[t], gg[t], go[t], cs[t], hs[t] = i, f, g, o, c, h
+    return gi, gf, gg, go, cs, hs, h, c
+
+
+def lstm_forward(
+    params: list[dict[str, Tensor | None]],
+    lstm: nn.LSTM,
+    batch: SeqBatch,
+    h0: Tensor | None = None,
+    c0: Tensor | None = None,
+    keep_steps: bool = False,
+):
+    """The recurrence with given weights; returns (traces, h_n, c_n, per-step hidden states).
+
+    h0, c0: (L * D, B, P or H) and (L * D, B, H). Differentiable: run it with grad enabled to
+    take gradients through time. Between layers no dropout is applied (see lstm_gates).
+    """
+    x, mask = batch.x, batch.mask
+    b, d = x.shape[0], 2 if lstm.bidirectional else 1
+    hsize, out = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
+    fm = mask[..., None].to(x.dtype)
+    traces, hn, cn, steps = [], [], [], []
+    for k in range(lstm.num_layers):
+        outs = []
+        for j in range(d):
+            idx = k * d + j
+            h = h0[idx] if h0 is not None else x.new_zeros(b, out)
+            c = c0[idx] if c0 is not None else x.new_zeros(b, hsize)
+            gi, gf, gg, go, cs, hs, h, c = _lstm_direction(params[idx], x, mask, h, c, reverse=j == 1)
+            st = [torch.stack(s, 1) * fm for s in (gi, gf, gg, go, cs, hs)]
+            traces.append(GateTrace(*st, mask=mask, layer=k, direction=j))
+            outs.append(st[5])
+            hn.append(h)
+            cn.append(c)
+            if keep_steps:
+                steps.append(hs)
+        x = torch.cat(outs, dim=2) if d == 2 else outs[0]
+    return traces, torch.stack(hn), torch.stack(cn), steps
+
+
+def lstm_gates(
+    lstm: nn.LSTM, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+) -> list[GateTrace]:
+    """Recompute i, f, g, o, c, h of every layer and direction of an nn.LSTM, in h_n's order.
+
+    Traces are batch first whatever the module's batch_first, an unbatched input becomes batch 1,
+    and a PackedSequence comes back padded in the caller's batch order with its mask. The result
+    matches the module in eval mode, or in training mode with dropout=0. With dropout between
+    layers in training mode the mask the kernel drew is unknowable: layer 0 is exact and deeper
+    layers are recomputed from the undropped input, which is the dropout's expectation.
+    Under autocast the recurrence runs in float32, so it is the exact version of what the
+    low-precision kernel approximates.
+    """
+    if not isinstance(lstm, nn.LSTM):
+        raise TypeError(f"lstm_gates needs an nn.LSTM, got {type(lstm).__name__}")
+    batch = as_batch(lstm, input)
+    h0 = c0 = None
+    if hx is not None:
+        h0, c0 = (_state(lstm, s, batch.unbatched) for s in hx)
+    dev_type = batch.x.device.type
+    with torch.no_grad(), torch.autocast(dev_type, enabled=False):
+        params = rnn_params(lstm)
+        dtype = params[0]["w_ih"].dtype
+        batch = batch._replace(x=batch.x.to(dtype))
+        h0 = h0.to(dtype) if h0 is not None else None
+        c0 = c0.to(dtype) if c0 is not None else None
+        traces, _, _, _ = lstm_forward(params, lstm, batch, h0, c0)
+    return traces
+
+
+def _gru_direction(p, x, mask, h, reverse):
+    """One direction of one GRU layer; x (B, T, F)."""
+    xw = x @ p["w_ih"].T  # (B, T, 3H)
+    if p["b_ih"] is not None:
+        xw = xw + p["b_ih"]
+    rs, zs, ns, hs = ([None] * x.shape[1] for _ in range(4))
+    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+    for t in steps:
+        hw = h @ p["w_hh"].T
+        if p["b_hh"] is not None:
+            hw = hw + p["b_hh"]
+        xr, xz, xn = xw[:, t].chunk(3, dim=1)
+        hr, hz, hn = hw.chunk(3, dim=1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = torch.where(mask[:, t, None], (1 - z) * n + z * h, h)
+        rs[t], zs[t], ns[t], hs[t] = r, z, n, h
+    return rs, zs, ns, hs, h
+
+
+def gru_forward(params, gru: nn.GRU, batch: SeqBatch, h0: Tensor | None = None, keep_steps: bool = False):
+    """The GRU recurrence with given weights; returns (traces, h_n, per-step hidden states)."""
+    x, mask = batch.x, batch.mask
+    b, d = x.shape[0], 2 if gru.bidirectional else 1
+    fm = mask[..., None].to(x.dtype)
+    traces, hn, steps = [], [], []
+    for k in range(gru.num_layers):
+        outs = []
+        for j in range(d):
+            idx = k * d + j
+            h = h0[idx] if h0 is not None else x.new_zeros(b, gru.hidden_size)
+            rs, zs, ns, hs, h = _gru_direction(params[idx], x, mask, h, reverse=j == 1)
+            st = [torch.stack(s, 1) * fm for s in (rs, zs, ns, hs)]
+            traces.append(GRUTrace(*st, mask=mask, layer=k, direction=j))
+            outs.append(st[3])
+            hn.append(h)
+            if keep_steps:
+                steps.append(hs)
+        x = torch.cat(outs, dim=2) if d == 2 else outs[0]
+    return traces, torch.stack(hn), steps
+
+
+def gru_gates(gru: nn.GRU, input: Tensor | PackedSequence, hx: Tensor | None = None) -> list[GRUTrace]:
+    """Recompute r, z, n, h of every layer and direction of an nn.GRU, in h_n's order."""
+    if not isinstance(gru, nn.GRU):
+        raise TypeError(f"gru_gates needs an nn.GRU, got {type(gru).__name__}")
+    batch = as_batch(gru, input)
+    h0 = _state(gru, hx, batch.unbatched)
+    with torch.no_grad(), torch.autocast(batch.x.device.type, enabled=False):
+        params = rnn_params(gru)
+        dtype = params[0]["w_ih"].dtype
+        batch = batch._replace(x=batch.x.to(dtype))
+        traces, _, _ = gru_forward(params, gru, batch, h0.to(dtype) if h0 is not None else None)
+    return traces

@@ -1,0 +1,315 @@
+"""Probes: one per watched module, chosen by module type. A probe owns its hooks and removes itself.
+
+Hooks only keep references and launch device work; nothing here reads a value back.
+On a logging step the forward hook keeps a sample of the batch, a snapshot of the weights
+it ran with and tensor hooks on the outputs; `collect` then recomputes the gates and the
+gradient through time for that sample and returns device tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from . import stats
+from .gates import SeqBatch, as_batch, gru_forward, lstm_forward, rnn_params
+
+
+@dataclass
+class Clock:
+    """What hooks need to know of the run; written by the Watcher only."""
+
+    step: int = 1  # the step in progress (1-based)
+    logging: bool = True  # whether the step in progress is a logging step
+    sample: int = 8
+    generator: torch.Generator | None = None
+    scaler: object | None = None  # a torch.amp.GradScaler whose scale divides the gradients
+
+
+@dataclass
+class Capture:
+    """What a logging step's forward kept: a sample of the batch and the weights it ran with."""
+
+    batch: SeqBatch  # sampled rows, (S, T, F)
+    index: Tensor  # (S,) rows of the full batch, on the module's device
+    state: tuple[Tensor, ...] | None  # sampled initial state(s), (L * D, S, H)
+    weights: dict[str, Tensor]  # detached copies, as before the optimizer step
+    grads: dict[str, Tensor]  # 'out', 'h_n', 'c_n' -> sampled output gradients, filled in backward
+    packed_meta: tuple | None  # (batch_sizes, sorted_indices, unsorted_indices) of a packed output
+    transposed: bool  # output is (T, B, ...)
+    unbatched: bool
+
+
+_LABEL = re.compile(r"_(l\d+(?:_reverse)?)$")
+
+
+class RNNProbe:
+    """Hooks on an nn.LSTM or nn.GRU; subclasses name the gates and run the recurrence."""
+
+    gates: tuple[str, ...] = ()
+    kind = ""
+
+    def __init__(self, name: str, module: nn.RNNBase, clock: Clock):
+        self.name, self.module, self.clock = name, module, clock
+        self.params = dict(module.named_parameters())
+        self.labels = {p: m.group(1) for p in self.params if (m := _LABEL.search(p))}
+        self._gsq: dict[str, Tensor] = {}  # param -> (blocks,) squared norms of its accumulated gradient
+        self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
+        self._cap: Capture | None = None
+        self.handles = [module.register_forward_hook(self._on_forward, with_kwargs=True)]
+        for pname, p in self.params.items():
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, pname)))
+
+    # --- configuration shown in run logs and reports
+    def describe(self) -> dict:
+        """The module's configuration, as plain values."""
+        m = self.module
+        return {
+            "type": type(m).__name__, "input_size": m.input_size, "hidden_size": m.hidden_size,
+            "num_layers": m.num_layers, "bidirectional": m.bidirectional, "batch_first": m.batch_first,
+            "bias": m.bias, "dropout": m.dropout, "proj_size": getattr(m, "proj_size", 0),
+            "parameters": sum(p.numel() for p in self.params.values()),
+        }
+
+    def remove(self) -> None:
+        """Remove every hook this probe added; safe to call twice."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self._cap = None
+
+    # --- hooks
+    def _mark(self, site: str, finite: Tensor) -> None:
+        first = self._first_bad.get(site)
+        if first is None:
+            first = torch.full((), math.inf, device=finite.device)
+        self._first_bad[site] = stats.first_nonfinite(first, finite, self.clock.step)
+
+    def _on_forward(self, module, args, kwargs, output) -> None:
+        if not torch.is_grad_enabled():  # an evaluation pass, not the training step
+            return
+        x = args[0] if args else kwargs["input"]
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        data = x.data if isinstance(x, PackedSequence) else x
+        if data.is_floating_point():
+            self._mark("data", torch.isfinite(data).all())
+        if self.clock.logging and self._cap is None:
+            self._cap = self._capture(x, hx, output)
+
+    def _capture(self, x, hx, output) -> Capture:
+        batch = as_batch(self.module, x)
+        b = batch.x.shape[0]
+        s = min(self.clock.sample, b)
+        # lstmwatch's own generator: the global RNG, and so training, is untouched.
+        rows = torch.randperm(b, generator=self.clock.generator)[:s].sort().values
+        index = rows.to(batch.x.device)
+        sampled = SeqBatch(batch.x[index].detach(), batch.mask[index], batch.lengths[rows], batch.packed,
+                           batch.unbatched)
+        state = None
+        if hx is not None:
+            hx = hx if isinstance(hx, tuple) else (hx,)
+            state = tuple((h.unsqueeze(1) if batch.unbatched else h)[:, index].detach() for h in hx)
+        out, finals = self._split_output(output)
+        packed_meta = None
+        if isinstance(out, PackedSequence):
+            packed_meta = (out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+            out = out.data
+        cap = Capture(sampled, index, state, {n: p.detach().clone() for n, p in self.params.items()}, {},
+                      packed_meta, not self.module.batch_first, batch.unbatched)
+        for key, t in (("out", out), *finals):
+            if t.requires_grad:
+                t.register_hook(partial(self._on_out_grad, cap, key))
+        return cap
+
+    def _on_out_grad(self, cap: Capture, key: str, g: Tensor) -> None:
+        if key == "out":
+            if cap.packed_meta is not None:
+                g = pad_packed_sequence(PackedSequence(g, *cap.packed_meta), batch_first=True)[0]
+            elif cap.unbatched:
+                g = g.unsqueeze(0)
+            elif cap.transposed:
+                g = g.transpose(0, 1)
+            g = g[cap.index]  # (S, T, D * H)
+        else:
+            g = (g.unsqueeze(1) if cap.unbatched else g)[:, cap.index]  # (L * D, S, H)
+        g = g.detach()
+        prev = cap.grads.get(key)
+        cap.grads[key] = g if prev is None else prev + g
+
+    def _on_grad(self, pname: str, p: Tensor) -> None:
+        if p.grad is None:
+            return
+        sq = stats.sumsq_blocks(p.grad, len(self.gates) if pname in self.labels and "_hr_" not in pname else 1)
+        scaler = self.clock.scaler
+        if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
+            # Hooks run before unscale_: divide by the scale this backward used. An Inf here is the
+            # scaler's business (it skips the step and lowers the scale), not a fault.
+            # NaN marks the statistic unknown for this step, so detectors pass over it.
+            scale2 = scaler._scale.to(sq.device).float().pow(2)
+            self._gsq[pname] = torch.where(torch.isfinite(sq), sq / scale2, torch.nan)
+            return
+        self._gsq[pname] = sq
+        self._mark("grad/" + pname, torch.isfinite(sq.sum()))
+
+    # --- the logging step
+    def end_step(self) -> None:
+        """Forget what this step captured."""
+        self._gsq = {}
+        self._cap = None
+
+    def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Device statistics of this step, and the few values the host already knows."""
+        n, dev = self.name, next(iter(self.params.values())).device
+        items: dict[str, Tensor] = {}
+        host = {f"{n}/grads_seen": len(self._gsq) / max(1, sum(p.requires_grad for p in self.params.values()))}
+        zero = torch.zeros((), device=dev)
+        layer_sq: dict[str, Tensor] = {}
+        gate_sq: dict[str, Tensor] = {}
+        for pname, p in self.params.items():
+            sq = self._gsq.get(pname)
+            if sq is None:
+                continue
+            items[f"{n}/{pname}/grad_norm"] = sq.sum().sqrt()
+            lab = self.labels.get(pname, "other")
+            layer_sq[lab] = layer_sq.get(lab, zero) + sq.sum()
+            if sq.numel() == len(self.gates):
+                gate_sq[lab] = gate_sq.get(lab, torch.zeros(len(self.gates), device=dev)) + sq
+        total = sum(layer_sq.values(), zero)
+        items[f"{n}/grad_norm"] = total.sqrt()
+        for lab in sorted(set(self.labels.values())):
+            items[f"{n}/{lab}/grad_norm"] = layer_sq.get(lab, zero).sqrt()
+            gq = gate_sq.get(lab)
+            for k, gate in enumerate(self.gates):
+                items[f"{n}/{lab}/{gate}/grad_norm"] = gq[k].sqrt() if gq is not None else zero
+        cap = self._cap
+        if cap is not None:
+            items.update(self._update_ratio(cap))
+            for k, v in stats.data_stats(cap.batch.x, cap.batch.mask, cap.batch.packed).items():
+                items[f"{n}/data/{k}"] = v
+            items.update(self._internals(cap, step))
+        for site, first in self._first_bad.items():
+            items[f"{n}/nonfinite/{site}"] = first
+        return items, host
+
+    def _update_ratio(self, cap: Capture) -> dict[str, Tensor]:
+        """|w_after - w_before| / |w_before| per layer-direction: the optimizer's step, relative."""
+        d2: dict[str, Tensor] = {}
+        w2: dict[str, Tensor] = {}
+        for pname, p in self.params.items():
+            lab = self.labels.get(pname)
+            if lab is None:
+                continue
+            before = cap.weights[pname]
+            d2[lab] = d2.get(lab, 0) + (p.detach() - before).float().pow(2).sum()
+            w2[lab] = w2.get(lab, 0) + before.float().pow(2).sum()
+        return {f"{self.name}/{lab}/update_ratio": (d2[lab] / w2[lab].clamp_min(1e-30)).sqrt() for lab in d2}
+
+    def _internals(self, cap: Capture, step: int) -> dict[str, Tensor]:
+        """Recompute the sample's gates with the weights it ran with, and its gradient through time."""
+        n, m = self.name, self.module
+        dtype = cap.weights[next(iter(self.params))].dtype
+        batch = cap.batch._replace(x=cap.batch.x.to(dtype))
+        state = tuple(s.to(dtype) for s in cap.state) if cap.state is not None else None
+        want_grad = bool(cap.grads)
+        with torch.enable_grad() if want_grad else torch.no_grad(), torch.autocast(batch.x.device.type, enabled=False):
+            if want_grad:
+                batch = batch._replace(x=batch.x.requires_grad_())
+            traces, finals, steps = self._forward(rnn_params(m, cap.weights), batch, state, want_grad)
+            grads = self._through_time(cap, traces, finals, steps) if want_grad else None
+        items: dict[str, Tensor] = {}
+        d = 2 if m.bidirectional else 1
+        finite = []
+        for idx, tr in enumerate(traces):
+            lab = f"l{tr.layer}" + ("_reverse" if tr.direction else "")
+            for k, v in self._trace_stats(tr).items():
+                items[f"{n}/{lab}/{k}"] = v.detach()
+            finite.append(torch.isfinite(tr.h.detach()).all())
+            if grads is not None:
+                g = torch.stack([gt if gt is not None else torch.zeros_like(st) for gt, st in
+                                 zip(grads[idx], steps[idx])], 1)  # (S, T, H)
+                for k, v in stats.through_time(g, tr.mask, reverse=tr.direction == 1).items():
+                    items[f"{n}/{lab}/{k}"] = v
+        if grads is not None:
+            last = (m.num_layers - 1) * d
+            curves = [items[f"{n}/l{m.num_layers - 1}{'_reverse' if j else ''}/gtt"] for j in range(d)]
+            items[f"{n}/gtt"] = torch.stack(curves).pow(2).sum(0).sqrt()
+            lab = f"l{traces[last].layer}"
+            items[f"{n}/gtt/ratio"] = items[f"{n}/{lab}/gtt/ratio"]
+            items[f"{n}/gtt/decay"] = items[f"{n}/{lab}/gtt/decay"]
+        self._mark("gates", torch.stack(finite).all())
+        return items
+
+    def _through_time(self, cap: Capture, traces, finals, steps):
+        """dL/dh_t for every layer, direction and step, from the output gradients backward caught."""
+        d = 2 if self.module.bidirectional else 1
+        outs, gouts = [], []
+        g_out = cap.grads.get("out")
+        if g_out is not None:
+            for j, gj in enumerate(g_out.chunk(d, dim=2)):
+                outs.append(traces[len(traces) - d + j].h)
+                gouts.append(gj.to(traces[0].h.dtype))
+        for key, t in finals.items():
+            g = cap.grads.get(key)
+            if g is not None:
+                outs.append(t)
+                gouts.append(g.to(t.dtype))
+        flat = [h for s in steps for h in s]
+        got = torch.autograd.grad(outs, flat, gouts, allow_unused=True)
+        T = len(steps[0])
+        return [list(got[i * T:(i + 1) * T]) for i in range(len(steps))]
+
+
+class LSTMProbe(RNNProbe):
+    """nn.LSTM: gates i, f, g, o."""
+
+    gates = ("input", "forget", "cell", "output")
+    kind = "lstm"
+
+    def _split_output(self, output):
+        out, (h_n, c_n) = output
+        return out, (("h_n", h_n), ("c_n", c_n))
+
+    def _forward(self, params, batch, state, keep_steps):
+        h0, c0 = state if state is not None else (None, None)
+        traces, hn, cn, steps = lstm_forward(params, self.module, batch, h0, c0, keep_steps)
+        return traces, {"h_n": hn, "c_n": cn}, steps
+
+    def _trace_stats(self, tr):
+        return stats.gate_stats(tr.i, tr.f, tr.g, tr.o, tr.c, tr.h, tr.mask)
+
+
+class GRUProbe(RNNProbe):
+    """nn.GRU: gates r, z, n."""
+
+    gates = ("reset", "update", "new")
+    kind = "gru"
+
+    def _split_output(self, output):
+        out, h_n = output
+        return out, (("h_n", h_n),)
+
+    def _forward(self, params, batch, state, keep_steps):
+        traces, hn, steps = gru_forward(params, self.module, batch, state[0] if state else None, keep_steps)
+        return traces, {"h_n": hn}, steps
+
+    def _trace_stats(self, tr):
+        return stats.gru_gate_stats(tr.r, tr.z, tr.n, tr.h, tr.mask)
+
+
+# Which probe watches which module type; the first match in order wins.
+PROBES: dict[type[nn.Module], type[RNNProbe]] = {nn.LSTM: LSTMProbe, nn.GRU: GRUProbe}
+
+
+def probe_for(module: nn.Module) -> type[RNNProbe] | None:
+    """The probe class for a module, or None if lstmwatch does not watch its type."""
+    for t, cls in PROBES.items():
+        if isinstance(module, t):
+            return cls
+    return None

@@ -1,0 +1,43 @@
+"""The console: each warning or error event as a typed Python warning, nothing else on a healthy run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from ..events import Event, Record, warning_for
+
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def user_stacklevel() -> int:
+    """The stacklevel that points warnings.warn at the first frame outside lstmwatch."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PKG):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class ConsoleSink:
+    """Sends warning and error events through `warnings`, so filters and `-W error::...` apply."""
+
+    def __init__(self) -> None:
+        self.emitted: list[Event] = []
+
+    def write(self, record: Record) -> None:
+        """Records are not printed: a healthy run stays silent."""
+
+    def emit(self, event: Event) -> None:
+        """Raise the event's typed warning at the user's `watcher.step(...)` line."""
+        if event.severity == "info":
+            return
+        self.emitted.append(event)
+        warnings.warn(warning_for(event), stacklevel=user_stacklevel())
+
+    def close(self) -> None:
+        """One line at the end of a run in which something was found."""
+        if self.emitted:
+            kinds = sorted({e.kind for e in self.emitted})
+            print(f"lstmwatch: {len(self.emitted)} warning(s) this run ({', '.join(kinds)}); "
+                  "print(watcher.summary()) for the diagnosis", file=sys.stderr)
