@@ -168,11 +168,12 @@ class RNNProbe:
         """Device statistics of this step, and the few values the host already knows."""
         n, dev = self.name, next(iter(self.params.values())).device
         items: dict[str, Tensor] = {}
-        host = {f"{n}/grads_seen": len(self._gsq) / max(1, sum(p.requires_grad for p in self.params.values()))}
+        trainable = sum(p.requires_grad for p in self.params.values())
+        host = {f"{n}/grads_seen": len(self._gsq) / max(1, trainable), f"{n}/trainable": trainable / len(self.params)}
         zero = torch.zeros((), device=dev)
         layer_sq: dict[str, Tensor] = {}
         gate_sq: dict[str, Tensor] = {}
-        for pname, p in self.params.items():
+        for pname in self.params:
             sq = self._gsq.get(pname)
             if sq is None:
                 continue

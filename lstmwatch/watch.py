@@ -262,7 +262,7 @@ def watch(
     sample: int = 8,
     modules: ModuleFilter = None,
     console: bool = True,
-    detectors: Iterable[Any] | None = None,
+    detectors: Iterable[Any] | dict[str, Any] | None = None,
     scaler: Any | None = None,
     **sink_options: Any,
 ) -> Watcher:
@@ -271,6 +271,11 @@ def watch(
     from .sinks import make_sinks
 
     sinks = make_sinks(console=console, **sink_options)
-    dets = default_detectors() if detectors is None else detectors
+    if detectors is None:
+        dets = default_detectors()
+    elif isinstance(detectors, dict):
+        dets = default_detectors(**detectors)  # tune the defaults: {"stalled_loss": {"patience": 500}}
+    else:
+        dets = list(detectors)
     return Watcher(model, log_every=log_every, sample=sample, modules=modules, detectors=dets, sinks=sinks,
                    scaler=scaler)

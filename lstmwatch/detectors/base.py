@@ -1,0 +1,158 @@
+"""What detectors share: reading a record, the loss trend, and raising a persistent fault once."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from statistics import median
+
+from ..events import Event, Record, Severity
+
+_LAYER = re.compile(r"^l(\d+)(_reverse)?$")
+
+
+def finite(v: float | None) -> bool:
+    """A value that can be judged: present and finite."""
+    return v is not None and math.isfinite(v)
+
+
+def layers(record: Record, module: str) -> list[str]:
+    """Layer-direction labels of a module present in a record ('l0', 'l0_reverse', ...), in order."""
+    p = module + "/"
+    found = {k[len(p):].split("/", 1)[0] for k in record.stats if k.startswith(p) and k.endswith("/grad_norm")}
+    labs = [lab for lab in found if _LAYER.match(lab)]
+    return sorted(labs, key=lambda lab: (int(_LAYER.match(lab).group(1)), lab))
+
+
+def layer_norms(record: Record, module: str) -> dict[int, float]:
+    """Gradient norm of each layer, both directions together."""
+    out: dict[int, float] = {}
+    for lab in layers(record, module):
+        v = record.stats.get(f"{module}/{lab}/grad_norm")
+        if v is not None:
+            k = int(_LAYER.match(lab).group(1))
+            out[k] = math.sqrt(out.get(k, 0.0) ** 2 + v * v)
+    return out
+
+
+def max_update_ratio(record: Record, module: str | None = None) -> float | None:
+    """The largest update-to-weight ratio of a module (or of all), if this record measured it."""
+    vals = [v for k, v in record.stats.items() if k.endswith("/update_ratio") and finite(v)
+            and (module is None or k.startswith(module + "/"))]
+    return max(vals) if vals else None
+
+
+def fmt(v: float) -> str:
+    """A number as people read it."""
+    if v == 0 or not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    return f"{v:.2e}" if a < 1e-3 or a >= 1e4 else f"{v:.3g}"
+
+
+def pct(v: float) -> str:
+    """A fraction as a percentage."""
+    return f"{100 * v:.0f}%"
+
+
+class LossTrend:
+    """The training loss seen through the records: its starting level, best and latest smoothed values."""
+
+    def __init__(self, start_records: int = 4, sign: float = 1.0):
+        self.start_records, self.sign = start_records, sign
+        self.start: list[float] = []
+        self.level0: float | None = None  # median of the first records' mean losses
+        self.best: float | None = None
+        self.latest: float | None = None
+        self.first_step: int | None = None
+        self.step = 0
+
+    def update(self, record: Record) -> None:
+        """Take the record's mean loss since the previous record."""
+        v = record.stats.get("loss_mean")
+        if not finite(v):
+            return
+        v *= self.sign
+        self.step = record.step
+        if self.first_step is None:
+            self.first_step = record.step
+        if len(self.start) < self.start_records:
+            self.start.append(v)
+            self.level0 = median(self.start)
+        self.best = v if self.best is None else min(self.best, v)
+        self.latest = v
+
+    def improvement(self) -> float | None:
+        """Relative improvement of the latest loss over the starting level (0.1 = 10% lower)."""
+        if self.level0 is None or self.latest is None:
+            return None
+        return (self.level0 - self.latest) / max(abs(self.level0), 1e-12)
+
+    def stalled(self, min_steps: int, min_delta: float) -> bool:
+        """No improvement of at least min_delta (relative) after min_steps steps."""
+        imp = self.improvement()
+        return imp is not None and self.step >= min_steps and imp < min_delta
+
+
+class Latch:
+    """Raise a persistent fault once per key; again only when it clearly worsens or after it had cleared."""
+
+    def __init__(self, worsen: float = 10.0, clear_after: int = 2):
+        self.worsen, self.clear_after = worsen, clear_after
+        self.fired: dict[str, float] = {}  # key -> badness when last raised
+        self.quiet: dict[str, int] = {}  # key -> consecutive checks without the fault
+
+    def check(self, key: str, active: bool, badness: float = 1.0) -> bool:
+        """Whether to raise now; `badness` grows as the fault worsens."""
+        if not active:
+            if key in self.fired:
+                self.quiet[key] = self.quiet.get(key, 0) + 1
+                if self.quiet[key] >= self.clear_after:
+                    del self.fired[key]
+            return False
+        self.quiet[key] = 0
+        last = self.fired.get(key)
+        if last is None or badness >= last * self.worsen:
+            self.fired[key] = badness
+            return True
+        return False
+
+
+class Detector:
+    """Base of the default detectors: `update(record) -> list[Event]`; subclasses implement `_check`."""
+
+    kind = ""
+    severity: Severity = "warning"
+
+    def __init__(self) -> None:
+        self.latch = Latch()
+
+    def update(self, record: Record) -> list[Event]:
+        """Read one record; return the events it raises."""
+        return list(self._check(record))
+
+    def event(self, record: Record, module: str, message: str, hint: str, severity: Severity | None = None) -> Event:
+        """An event of this detector's kind at the record's step."""
+        return Event(record.step, self.kind, severity or self.severity, module, message, hint)
+
+    def _check(self, record: Record) -> Iterable[Event]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Streak:
+    """Consecutive records for which a condition held, per key."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.since: dict[str, int] = {}
+
+    def update(self, key: str, active: bool, step: int) -> int:
+        """Record the condition at a step; returns how many consecutive records it has held."""
+        if active:
+            self.count[key] = self.count.get(key, 0) + 1
+            self.since.setdefault(key, step)
+        else:
+            self.count[key] = 0
+            self.since.pop(key, None)
+        return self.count[key]

@@ -1,0 +1,103 @@
+"""Saturation: sigmoid gates pinned near 0 or 1, cell output or hidden state pinned at +-1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..events import Event, Record
+from .base import Detector, LossTrend, Streak, finite, layers, pct
+
+_GATE_HINT = {
+    "input": "the input gate is shut, so nothing new enters the cell",
+    "forget": "the forget gate is pinned, so the cell either forgets everything at once or never forgets",
+    "output": "the output gate is pinned, so the hidden state hides the cell or passes it unfiltered",
+    "reset": "the reset gate is pinned",
+    "update": "the update gate is pinned",
+}
+
+
+class _Saturation(Detector):
+    """Saturation that is present from the first records on, or that comes with a stalled loss.
+
+    Saturation that comes with learning is not a fault: trained healthy LSTMs often have a third of their
+    gate values saturated. threshold: the fraction of values pinned; patience: consecutive records;
+    loss_patience and min_delta: what counts as a stalled loss.
+    """
+
+    def __init__(self, threshold: float = 0.5, patience: int = 2, loss_patience: int = 100, min_delta: float = 0.05):
+        super().__init__()
+        self.threshold, self.patience = threshold, patience
+        self.loss_patience, self.min_delta = loss_patience, min_delta
+        self.streak = Streak()
+        self.trend = LossTrend()
+        self.first_step: int | None = None
+
+    def _values(self, record: Record, module: str) -> Iterable[tuple[str, str, float]]:
+        raise NotImplementedError
+
+    def _check(self, record: Record) -> Iterable[Event]:
+        self.trend.update(record)
+        if not any(k.endswith("/h/sat") for k in record.stats):
+            return  # this record has no recomputed internals (e.g. a validation-only record)
+        if self.first_step is None:
+            self.first_step = record.step
+        stalled = self.trend.stalled(self.loss_patience, self.min_delta)
+        for m in record.modules:
+            worst = None
+            for key, label, frac in self._values(record, m):
+                n = self.streak.update(f"{m}/{key}", frac > self.threshold, record.step)
+                early = self.streak.since.get(f"{m}/{key}") == self.first_step
+                if n >= self.patience and (early or stalled) and (worst is None or frac > worst[2]):
+                    worst = (key, label, frac, early)
+            if self.latch.check(m, worst is not None, 1.0) and worst:
+                yield self._event(record, m, *worst)
+
+
+class GateSaturation(_Saturation):
+    """Most values of a sigmoid gate below 0.1 or above 0.9 in a layer."""
+
+    kind = "gate_saturation"
+
+    def _values(self, record, module):
+        s = record.stats
+        for lab in layers(record, module):
+            for gate in ("input", "forget", "output", "reset", "update"):
+                left, right = s.get(f"{module}/{lab}/{gate}/sat_left"), s.get(f"{module}/{lab}/{gate}/sat_right")
+                if finite(left) and finite(right):
+                    yield f"{lab}/{gate}", f"{gate} gate of layer {lab}", left + right
+
+    def _event(self, record, m, key, label, frac, early):
+        lab, gate = key.split("/")
+        s = record.stats
+        left, right = s[f"{m}/{key}/sat_left"], s[f"{m}/{key}/sat_right"]
+        side = "below 0.1" if left >= right else "above 0.9"
+        when = "from the first step on" if early else "while the loss stalls"
+        return self.event(record, m, f"{pct(frac)} of the {label} values are saturated ({pct(left)} below 0.1, "
+                          f"{pct(right)} above 0.9; threshold {pct(self.threshold)}), mostly {side}, {when}: "
+                          f"{_GATE_HINT.get(gate, 'the gate is pinned')}, and its gradient vanishes.",
+                          "standardize the inputs (see unnormalized_input), check the gate biases "
+                          "(`lstmwatch.remedies.set_forget_bias(model, 1.0)` resets the forget gate to a sane "
+                          "start), or lower the learning rate if the saturation grew during training.")
+
+
+class HiddenSaturation(_Saturation):
+    """Cell output tanh(c) or hidden state pinned at +-1."""
+
+    kind = "hidden_saturation"
+
+    def _values(self, record, module):
+        s = record.stats
+        for lab in layers(record, module):
+            for key, label in (("c", "cell output tanh(c)"), ("h", "hidden state")):
+                v = s.get(f"{module}/{lab}/{key}/sat")
+                if finite(v):
+                    yield f"{lab}/{key}", f"{label} of layer {lab}", v
+
+    def _event(self, record, m, key, label, frac, early):
+        when = "from the first step on" if early else "while the loss stalls"
+        return self.event(record, m, f"{pct(frac)} of the {label} values are beyond +-0.9 (threshold "
+                          f"{pct(self.threshold)}), {when}: the tanh is saturated, its gradient is close to zero "
+                          "and the state carries little beyond a sign.",
+                          "standardize the inputs, lower the learning rate, and keep the forget and input gate "
+                          "biases near their defaults so the cell state cannot run away "
+                          "(`lstmwatch.remedies.set_forget_bias(model, 1.0)`).")
