@@ -93,6 +93,7 @@ class Watcher:
         if sample < 1:
             raise ValueError(f"sample must be >= 1, got {sample}")
         found = find_modules(model, modules)
+        self.log_every, self.sample = log_every, sample
         self._schedule = schedule(log_every)
         gen = torch.Generator().manual_seed(seed)
         self.clock = Clock(step=1, logging=bool(self._schedule(1)), sample=sample, generator=gen, scaler=scaler)
@@ -128,6 +129,11 @@ class Watcher:
     def latest(self) -> Record | None:
         """The last record, or None before the first logging step."""
         return self.records[-1] if self.records else None
+
+    @property
+    def log_path(self) -> str | None:
+        """Where the run log is written, if watch() was given log_dir= or log_path=."""
+        return next((str(s.path) for s in self.sinks if getattr(s, "path", None)), None)
 
     @property
     def step_count(self) -> int:

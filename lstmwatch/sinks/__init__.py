@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 from .console import ConsoleSink
+from .runlog import RunLogSink
+from .wandb import WandbSink  # imports wandb only when a WandbSink is made
 
-__all__ = ["ConsoleSink", "make_sinks"]
+__all__ = ["ConsoleSink", "RunLogSink", "WandbSink", "make_sinks"]
 
 
-def make_sinks(console: bool = True, sinks: list[Any] | None = None, **options: Any) -> list[Any]:
-    """The sinks a watch() call asked for."""
-    out: list[Any] = [ConsoleSink()] if console else []
+def make_sinks(
+    console: bool = True,
+    sinks: list[Any] | None = None,
+    *,
+    log_dir: str | os.PathLike | None = None,
+    log_path: str | os.PathLike | None = None,
+    wandb: Any = None,
+    wandb_keys: str | Sequence[str] | None = None,
+    **options: Any,
+) -> list[Any]:
+    """The sinks a watch() call asked for; what cannot work (no W&B run, a folder not writable) fails here."""
     if options:
         raise TypeError(f"watch() got unexpected keyword argument(s): {', '.join(sorted(options))}")
+    out: list[Any] = [ConsoleSink()] if console else []
+    if log_dir is not None and log_path is not None:
+        raise ValueError("give log_dir= (a folder, one new file per run) or log_path= (one file), not both")
+    if log_dir is not None or log_path is not None:
+        out.append(RunLogSink(log_dir, path=log_path))
+    if wandb is True:
+        out.append(WandbSink(keys=wandb_keys))  # the active run, or a RuntimeError saying to call wandb.init
+    elif wandb is not None and wandb is not False:
+        out.append(WandbSink(wandb, keys=wandb_keys))
     return out + list(sinks or [])

@@ -1,0 +1,269 @@
+"""The run log: a real watched run written with log_dir=, read back with lstmwatch.load."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import lstmwatch
+from lstmwatch.events import Event, Record
+from lstmwatch.runlog import load
+from lstmwatch.sinks import RunLogSink, make_sinks
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Net(nn.Module):
+    """A 2-layer LSTM under a qualified name, then a bidirectional one."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.ModuleDict({"enc": nn.LSTM(3, 8, num_layers=2, batch_first=True)})
+        self.dec = nn.LSTM(8, 4, bidirectional=True)  # (T, B, F)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h, _ = self.body["enc"](x)
+        out, _ = self.dec(h.transpose(0, 1))
+        return self.head(out[-1])
+
+
+class EveryFourth:
+    """A stand-in detector: a warning at steps 4 and 8, an info at 6."""
+
+    def update(self, record: Record) -> list[Event]:
+        if record.step in (4, 8):
+            return [Event(record.step, "stalled_loss", "warning", "body.enc", f"loss flat at {record.loss:.3g}",
+                          "raise the learning rate")]
+        if record.step == 6:
+            return [Event(6, "gate_saturation", "info", "", "a note, with \"quotes\" and é", "none")]
+        return []
+
+
+def train(steps=10, nan_at=None, batches=None, close=True, **options):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lstmwatch.watch(model, log_every=2, console=False, detectors=[EveryFourth()], **options)
+    for i in range(1, steps + 1):
+        x = batches[i - 1] if batches is not None else torch.randn(4, 6, 3)
+        loss = (model(x) - 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.step(torch.tensor(math.nan) if i == nan_at else loss)
+    if close:
+        w.close()
+    return w
+
+
+def log_sink(w) -> RunLogSink:
+    return next(s for s in w.sinks if isinstance(s, RunLogSink))
+
+
+def same(a, b) -> bool:
+    """Equal numbers, NaN equal to NaN."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def same_record(a: Record, b: Record) -> bool:
+    return (a.step == b.step and same(a.loss, b.loss) and same(a.val_loss, b.val_loss) and a.modules == b.modules
+            and a.stats.keys() == b.stats.keys() and all(same(a.stats[k], b.stats[k]) for k in a.stats)
+            and a.curves.keys() == b.curves.keys()
+            and all(len(a.curves[k]) == len(b.curves[k]) and all(map(same, a.curves[k], b.curves[k]))
+                    for k in a.curves))
+
+
+# Inputs no statistic would produce by chance, so the file can be searched for them.
+_gen = torch.Generator().manual_seed(1)
+BATCHES = [torch.rand(4, 6, 3, generator=_gen) * 7 + 3 for _ in range(10)]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """One watched run of 10 steps, logged every 2, with events at 4, 6 and 8: (watcher, its log)."""
+    folder = tmp_path_factory.mktemp("runs")
+    w = train(batches=BATCHES, log_dir=folder)
+    return w, log_sink(w).path
+
+
+@pytest.fixture
+def copy(full, tmp_path):
+    """A copy of the full run's log, to cut or spoil."""
+    path = tmp_path / full[1].name
+    path.write_bytes(full[1].read_bytes())
+    return path
+
+
+def test_round_trip(full):
+    w, path = full
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-{os.getpid()}\.jsonl", path.name)
+    run = lstmwatch.load(path)
+    assert run.records == list(w.records) and len(run.records) == 6  # steps 1, 2, 4, 6, 8, 10
+    assert run.events == list(w.events) and [e.step for e in run.events] == [4, 6, 8]
+    assert run.modules == w.modules == ["body.enc", "dec"]
+    assert run.complete and run.steps == run.step_count == 10
+    assert run.latest == w.latest
+    assert run.summary() == w.summary()
+    assert lstmwatch.load(path.parent).path == path  # a log_dir: its newest run
+    # Records and events lie in the order they happened: each event right after its step's record.
+    kinds = [(o["type"], o.get("step")) for o in map(json.loads, path.read_text().splitlines())]
+    assert kinds[:6] == [("header", None), ("record", 1), ("record", 2), ("record", 4), ("event", 4), ("record", 6)]
+    assert kinds[-1] == ("end", None)
+
+
+def test_header(full):
+    w, path = full
+    h = load(path).header
+    assert h["type"] == "header" and h["format"] == 1
+    assert (h["lstmwatch"], h["torch"], h["python"]) == (lstmwatch.__version__, torch.__version__,
+                                                         platform.python_version())
+    assert h["sample"] == 8
+    assert [m["name"] for m in h["modules"]] == ["body.enc", "dec"]
+    run = load(path)
+    for p in w.probes:
+        assert run.configs[p.name] == {"kind": "lstm", **p.describe()}
+    assert run.configs["body.enc"]["num_layers"] == 2 and run.configs["dec"]["bidirectional"] is True
+
+
+def test_explicit_log_path(tmp_path):
+    w = train(steps=1, log_path=tmp_path / "sub" / "run.jsonl")
+    assert log_sink(w).path == tmp_path / "sub" / "run.jsonl"
+    assert len(load(tmp_path / "sub" / "run.jsonl").records) == 1
+
+
+def test_flushed_on_each_logging_step(tmp_path):
+    w = train(steps=5, close=False, log_dir=tmp_path)
+    run = load(log_sink(w).path)  # read while the run goes on, as after a crash
+    assert [r.step for r in run.records] == [1, 2, 4] and [e.step for e in run.events] == [4]
+    assert not run.complete and run.steps is None and run.step_count == 4
+    w.close()
+    w.close()
+    assert load(log_sink(w).path).complete
+
+
+def test_two_runs_in_one_second_get_two_files(tmp_path):
+    a, b = train(steps=1, log_dir=tmp_path), train(steps=1, log_dir=tmp_path)
+    assert log_sink(a).path != log_sink(b).path and len(list(tmp_path.iterdir())) == 2
+    assert len(load(log_sink(b).path).records) == 1
+
+
+@pytest.mark.parametrize("keep", [1, 10, -2, -1])
+def test_cut_off_last_line_loads_up_to_it(full, copy, keep):
+    w, path = full[0], copy
+    lines = path.read_bytes().splitlines(keepends=True)
+    last_record = max(i for i, ln in enumerate(lines) if b'"type":"record"' in ln)
+    cut = lines[last_record]
+    # A crash while writing the last record: the file ends inside (or right before the newline of) it.
+    path.write_bytes(b"".join(lines[:last_record]) + cut[:keep if keep > 0 else len(cut) + keep])
+    run = load(path)
+    if keep == -1:  # the whole JSON object made it, only the newline is missing: the record is kept
+        assert run.records == list(w.records)
+    else:
+        assert run.records == list(w.records)[:-1]
+    assert run.events == list(w.events) and not run.complete
+
+
+@pytest.mark.parametrize("bad", [
+    b"{not json\n",
+    b'{"type": "record", "step": 3, "loss": 1.0, "stats": [1, 2]}\n',
+    b'{"type": "record", "step": "3", "loss": 1.0, "stats": {}}\n',
+    b'{"type": "record", "step": 3, "loss": 1.0, "stats": {"a": "abc"}}\n',
+    b'{"type": "event", "step": 3, "kind": "x", "severity": "fatal", "module": "", "message": "", "hint": ""}\n',
+    b'{"type": "header", "format": 1, "modules": []}\n',
+    b"[1, 2, 3]\n",
+])
+def test_malformed_middle_line_names_file_and_line(copy, bad):
+    path = copy
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2] + [bad] + lines[2:]))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 3: "):
+        load(path)
+
+
+def test_not_a_run_log(tmp_path):
+    empty, other = tmp_path / "empty.jsonl", tmp_path / "other.jsonl"
+    empty.write_text("")
+    other.write_text('{"type": "record", "step": 1, "loss": 1.0, "stats": {}}\n')
+    with pytest.raises(ValueError, match="no header"):
+        load(empty)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(other))}, line 1: .*header"):
+        load(other)
+    with pytest.raises(FileNotFoundError):
+        lstmwatch.load(tmp_path / "missing.jsonl")
+    (tmp_path / "no-logs").mkdir()
+    with pytest.raises(FileNotFoundError, match="no lstmwatch run log"):
+        lstmwatch.load(tmp_path / "no-logs")
+
+
+def test_nonfinite_values_survive(tmp_path):
+    nan, inf = math.nan, math.inf
+    rec = Record(step=3, loss=nan, stats={"loss": nan, "grad_norm": inf, "m/l0/x": -inf, "m/l0/y": 0.5},
+                 curves={"m/gtt": [1.0, nan, inf, -inf]}, val_loss=-inf, modules=("m",))
+    sink = RunLogSink(path=tmp_path / "nan.jsonl")
+    sink.write(rec)
+    sink.emit(Event(3, "nonfinite", "error", "m", "NaN in the loss", "lower the learning rate"))
+    sink.close()
+    text = (tmp_path / "nan.jsonl").read_text()
+    # Standard JSON throughout: no bare NaN or Infinity tokens.
+    for line in text.splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    run = load(tmp_path / "nan.jsonl")
+    assert len(run.records) == 1 and same_record(run.records[0], rec)
+    assert run.events[0].kind == "nonfinite" and run.modules == ["m"]
+
+
+def test_nonfinite_loss_in_a_real_run(tmp_path):
+    w = train(steps=4, nan_at=4, log_dir=tmp_path)
+    run = load(log_sink(w).path)
+    last = run.records[-1]
+    assert math.isnan(last.loss) and last.stats["nonfinite_loss"] == 4
+    assert all(same_record(a, b) for a, b in zip(run.records, w.records))
+
+
+def test_no_data_samples_in_the_file(full):
+    # The file may hold at most one input value per record (data/absmax is the largest |x|),
+    # never a sequence or a batch of them.
+    w, path = full
+    numbers: list[float] = []
+
+    def walk(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+        elif isinstance(o, float):
+            numbers.append(o)
+
+    lines = path.read_text().splitlines()
+    for line in lines:
+        walk(json.loads(line))
+    inputs = {float(v) for b in BATCHES for v in b.flatten().tolist()}
+    found = [v for v in numbers if v in inputs]
+    assert len(found) <= len(w.records), found
+    assert len(lines) == 1 + len(w.records) + len(w.events) + 1
+
+
+def test_make_sinks_options(tmp_path):
+    sinks = make_sinks(console=False, log_dir=tmp_path)
+    assert len(sinks) == 1 and isinstance(sinks[0], RunLogSink) and sinks[0].path.parent == tmp_path
+    assert make_sinks(console=False, log_path=tmp_path / "a.jsonl")[0].path == tmp_path / "a.jsonl"
+    with pytest.raises(ValueError, match="not both"):
+        make_sinks(log_dir=tmp_path, log_path=tmp_path / "a.jsonl")
+    with pytest.raises(TypeError, match="log_folder"):
+        make_sinks(log_folder=tmp_path)
+    with pytest.raises(TypeError, match="log_folder"):
+        lstmwatch.watch(nn.LSTM(3, 8), log_folder=tmp_path)
+    # No file for a watch() that fails: the file is created once the watcher exists.
+    with pytest.raises(ValueError, match="no nn.LSTM"):
+        lstmwatch.watch(nn.Linear(3, 3), log_dir=tmp_path / "never")
+    assert list((tmp_path / "never").iterdir()) == []
