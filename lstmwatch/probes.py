@@ -39,7 +39,6 @@ class Capture:
     batch: SeqBatch  # sampled rows, (S, T, F)
     index: Tensor  # (S,) rows of the full batch, on the module's device
     state: tuple[Tensor, ...] | None  # sampled initial state(s), (L * D, S, H)
-    weights: dict[str, Tensor]  # detached copies, as before the optimizer step
     grads: dict[str, Tensor]  # 'out', 'h_n', 'c_n' -> sampled output gradients, filled in backward
     packed_meta: tuple | None  # (batch_sizes, sorted_indices, unsorted_indices) of a packed output
     transposed: bool  # output is (T, B, ...)
@@ -49,41 +48,53 @@ class Capture:
 _LABEL = re.compile(r"_(l\d+(?:_reverse)?)$")
 
 
-class RNNProbe:
-    """Hooks on an nn.LSTM or nn.GRU; subclasses name the gates and run the recurrence."""
+class Probe:
+    """Hooks on one module: gradient norms per parameter, layer and gate, the update ratio, non-finite sites.
+
+    Subclasses add what their forward shows: `_on_forward` captures, `_internals` recomputes.
+    """
 
     gates: tuple[str, ...] = ()
     kind = ""
 
-    def __init__(self, name: str, module: nn.RNNBase, clock: Clock):
+    def __init__(self, name: str, module: nn.Module, clock: Clock):
         self.name, self.module, self.clock = name, module, clock
         self.params = dict(module.named_parameters())
-        self.labels = {p: m.group(1) for p in self.params if (m := _LABEL.search(p))}
+        self.labels = {p: self._label(p) for p in self.params}
         self._gsq: dict[str, Tensor] = {}  # param -> (blocks,) squared norms of its accumulated gradient
         self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
-        self._cap: Capture | None = None
-        self.handles = [module.register_forward_hook(self._on_forward, with_kwargs=True)]
+        self._weights: dict[str, Tensor] | None = None  # a logging step's weights, before the optimizer step
+        self.handles = [module.register_forward_hook(self._hook, with_kwargs=True)]
         for pname, p in self.params.items():
             if p.requires_grad:
                 self.handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, pname)))
+
+    def _label(self, pname: str) -> str:
+        """The layer-direction a parameter belongs to ('l0', 'l1_reverse')."""
+        m = _LABEL.search(pname)
+        return m.group(1) if m else "l0"
+
+    def _blocks(self, pname: str) -> int:
+        """How many gate blocks a parameter's rows hold."""
+        return 1 if "_hr" in pname else len(self.gates)
 
     # --- configuration shown in run logs and reports
     def describe(self) -> dict:
         """The module's configuration, as plain values."""
         m = self.module
-        return {
-            "type": type(m).__name__, "input_size": m.input_size, "hidden_size": m.hidden_size,
-            "num_layers": m.num_layers, "bidirectional": m.bidirectional, "batch_first": m.batch_first,
-            "bias": m.bias, "dropout": m.dropout, "proj_size": getattr(m, "proj_size", 0),
-            "parameters": sum(p.numel() for p in self.params.values()),
-        }
+        conf = {"type": type(m).__name__, "parameters": sum(p.numel() for p in self.params.values())}
+        for k in ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_first", "bias", "dropout",
+                  "proj_size"):
+            if hasattr(m, k):
+                conf[k] = getattr(m, k)
+        return conf
 
     def remove(self) -> None:
         """Remove every hook this probe added; safe to call twice."""
         for h in self.handles:
             h.remove()
         self.handles = []
-        self._cap = None
+        self.end_step()
 
     # --- hooks
     def _mark(self, site: str, finite: Tensor) -> None:
@@ -92,61 +103,20 @@ class RNNProbe:
             first = torch.full((), math.inf, device=finite.device)
         self._first_bad[site] = stats.first_nonfinite(first, finite, self.clock.step)
 
-    def _on_forward(self, module, args, kwargs, output) -> None:
+    def _hook(self, module, args, kwargs, output) -> None:
         if not torch.is_grad_enabled():  # an evaluation pass, not the training step
             return
-        x = args[0] if args else kwargs["input"]
-        hx = args[1] if len(args) > 1 else kwargs.get("hx")
-        data = x.data if isinstance(x, PackedSequence) else x
-        if data.is_floating_point():
-            self._mark("data", torch.isfinite(data).all())
-        if self.clock.logging and self._cap is None:
-            self._cap = self._capture(x, hx, output)
+        if self.clock.logging and self._weights is None:
+            self._weights = {n: p.detach().clone() for n, p in self.params.items()}
+        self._on_forward(args, kwargs, output)
 
-    def _capture(self, x, hx, output) -> Capture:
-        batch = as_batch(self.module, x)
-        b = batch.x.shape[0]
-        s = min(self.clock.sample, b)
-        # lstmwatch's own generator: the global RNG, and so training, is untouched.
-        rows = torch.randperm(b, generator=self.clock.generator)[:s].sort().values
-        index = rows.to(batch.x.device)
-        sampled = SeqBatch(batch.x[index].detach(), batch.mask[index], batch.lengths[rows], batch.packed,
-                           batch.unbatched)
-        state = None
-        if hx is not None:
-            hx = hx if isinstance(hx, tuple) else (hx,)
-            state = tuple((h.unsqueeze(1) if batch.unbatched else h)[:, index].detach() for h in hx)
-        out, finals = self._split_output(output)
-        packed_meta = None
-        if isinstance(out, PackedSequence):
-            packed_meta = (out.batch_sizes, out.sorted_indices, out.unsorted_indices)
-            out = out.data
-        cap = Capture(sampled, index, state, {n: p.detach().clone() for n, p in self.params.items()}, {},
-                      packed_meta, not self.module.batch_first, batch.unbatched)
-        for key, t in (("out", out), *finals):
-            if t.requires_grad:
-                t.register_hook(partial(self._on_out_grad, cap, key))
-        return cap
-
-    def _on_out_grad(self, cap: Capture, key: str, g: Tensor) -> None:
-        if key == "out":
-            if cap.packed_meta is not None:
-                g = pad_packed_sequence(PackedSequence(g, *cap.packed_meta), batch_first=True)[0]
-            elif cap.unbatched:
-                g = g.unsqueeze(0)
-            elif cap.transposed:
-                g = g.transpose(0, 1)
-            g = g[cap.index]  # (S, T, D * H)
-        else:
-            g = (g.unsqueeze(1) if cap.unbatched else g)[:, cap.index]  # (L * D, S, H)
-        g = g.detach()
-        prev = cap.grads.get(key)
-        cap.grads[key] = g if prev is None else prev + g
+    def _on_forward(self, args, kwargs, output) -> None:
+        """Keep what a training forward shows (subclasses)."""
 
     def _on_grad(self, pname: str, p: Tensor) -> None:
         if p.grad is None:
             return
-        sq = stats.sumsq_blocks(p.grad, len(self.gates) if pname in self.labels and "_hr_" not in pname else 1)
+        sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
         scaler = self.clock.scaler
         if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
             # Hooks run before unscale_: divide by the scale this backward used. An Inf here is the
@@ -162,7 +132,7 @@ class RNNProbe:
     def end_step(self) -> None:
         """Forget what this step captured."""
         self._gsq = {}
-        self._cap = None
+        self._weights = None
 
     def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Device statistics of this step, and the few values the host already knows."""
@@ -189,42 +159,104 @@ class RNNProbe:
             gq = gate_sq.get(lab)
             for k, gate in enumerate(self.gates):
                 items[f"{n}/{lab}/{gate}/grad_norm"] = gq[k].sqrt() if gq is not None else zero
-        cap = self._cap
-        if cap is not None:
-            items.update(self._update_ratio(cap))
-            for k, v in stats.data_stats(cap.batch.x, cap.batch.mask, cap.batch.packed).items():
-                items[f"{n}/data/{k}"] = v
-            items.update(self._internals(cap, step))
+        if self._weights is not None:
+            items.update(self._update_ratio(self._weights))
+            items.update(self._internals(step))
         for site, first in self._first_bad.items():
             items[f"{n}/nonfinite/{site}"] = first
         return items, host
 
-    def _update_ratio(self, cap: Capture) -> dict[str, Tensor]:
+    def _update_ratio(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
         """|w_after - w_before| / |w_before| per layer-direction: the optimizer's step, relative."""
         d2: dict[str, Tensor] = {}
         w2: dict[str, Tensor] = {}
         for pname, p in self.params.items():
-            lab = self.labels.get(pname)
-            if lab is None:
-                continue
-            before = cap.weights[pname]
+            lab = self.labels[pname]
+            before = weights[pname]
             d2[lab] = d2.get(lab, 0) + (p.detach() - before).float().pow(2).sum()
             w2[lab] = w2.get(lab, 0) + before.float().pow(2).sum()
         return {f"{self.name}/{lab}/update_ratio": (d2[lab] / w2[lab].clamp_min(1e-30)).sqrt() for lab in d2}
 
-    def _internals(self, cap: Capture, step: int) -> dict[str, Tensor]:
+    def _internals(self, step: int) -> dict[str, Tensor]:
+        """Statistics of what the forward showed (subclasses)."""
+        return {}
+
+
+class RNNProbe(Probe):
+    """nn.LSTM or nn.GRU: the whole sequence in one call; subclasses name the gates and run the recurrence."""
+
+    _cap: Capture | None = None
+
+    def _on_forward(self, args, kwargs, output) -> None:
+        x = args[0] if args else kwargs["input"]
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        data = x.data if isinstance(x, PackedSequence) else x
+        if data.is_floating_point():
+            self._mark("data", torch.isfinite(data).all())
+        if self.clock.logging and self._cap is None:
+            self._cap = self._capture(x, hx, output)
+
+    def _capture(self, x, hx, output) -> Capture:
+        batch = as_batch(self.module, x)
+        b = batch.x.shape[0]
+        s = min(self.clock.sample, b)
+        # lstmwatch's own generator: the global RNG, and so training, is untouched.
+        rows = torch.randperm(b, generator=self.clock.generator)[:s].sort().values
+        index = rows.to(batch.x.device)
+        sampled = SeqBatch(batch.x[index].detach(), batch.mask[index], batch.lengths[rows], batch.packed,
+                           batch.unbatched)
+        state = None
+        if hx is not None:
+            hx = hx if isinstance(hx, tuple) else (hx,)
+            state = tuple((h.unsqueeze(1) if batch.unbatched else h)[:, index].detach() for h in hx)
+        out, finals = self._split_output(output)
+        packed_meta = None
+        if isinstance(out, PackedSequence):
+            packed_meta = (out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+            out = out.data
+        cap = Capture(sampled, index, state, {}, packed_meta, not self.module.batch_first, batch.unbatched)
+        for key, t in (("out", out), *finals):
+            if t.requires_grad:
+                t.register_hook(partial(self._on_out_grad, cap, key))
+        return cap
+
+    def _on_out_grad(self, cap: Capture, key: str, g: Tensor) -> None:
+        if key == "out":
+            if cap.packed_meta is not None:
+                g = pad_packed_sequence(PackedSequence(g, *cap.packed_meta), batch_first=True)[0]
+            elif cap.unbatched:
+                g = g.unsqueeze(0)
+            elif cap.transposed:
+                g = g.transpose(0, 1)
+            g = g[cap.index]  # (S, T, D * H)
+        else:
+            g = (g.unsqueeze(1) if cap.unbatched else g)[:, cap.index]  # (L * D, S, H)
+        g = g.detach()
+        prev = cap.grads.get(key)
+        cap.grads[key] = g if prev is None else prev + g
+
+    def end_step(self) -> None:
+        """Forget what this step captured."""
+        super().end_step()
+        self._cap = None
+
+    def _internals(self, step: int) -> dict[str, Tensor]:
         """Recompute the sample's gates with the weights it ran with, and its gradient through time."""
+        cap, weights = self._cap, self._weights
+        if cap is None:
+            return {}
         n, m = self.name, self.module
-        dtype = cap.weights[next(iter(self.params))].dtype
+        items: dict[str, Tensor] = {f"{n}/data/{k}": v for k, v in
+                                    stats.data_stats(cap.batch.x, cap.batch.mask, cap.batch.packed).items()}
+        dtype = weights[next(iter(self.params))].dtype
         batch = cap.batch._replace(x=cap.batch.x.to(dtype))
         state = tuple(s.to(dtype) for s in cap.state) if cap.state is not None else None
         want_grad = bool(cap.grads)
         with torch.enable_grad() if want_grad else torch.no_grad(), torch.autocast(batch.x.device.type, enabled=False):
             if want_grad:
                 batch = batch._replace(x=batch.x.requires_grad_())
-            traces, finals, steps = self._forward(rnn_params(m, cap.weights), batch, state, want_grad)
+            traces, finals, steps = self._forward(rnn_params(m, weights), batch, state, want_grad)
             grads = self._through_time(cap, traces, finals, steps) if want_grad else None
-        items: dict[str, Tensor] = {}
         d = 2 if m.bidirectional else 1
         finite = []
         for idx, tr in enumerate(traces):
@@ -304,11 +336,121 @@ class GRUProbe(RNNProbe):
         return stats.gru_gate_stats(tr.r, tr.z, tr.n, tr.h, tr.mask)
 
 
+class CellProbe(Probe):
+    """nn.LSTMCell or nn.GRUCell stepped by hand: each call of a step is one timestep of its sequence.
+
+    On a logging step every call keeps its sampled input and incoming state, and a tensor hook on its
+    output catches dL/dh_t: the total gradient of that timestep, through the head and every later call.
+    """
+
+    max_calls = 10_000  # timesteps kept per logging step, to bound memory
+
+    def __init__(self, name: str, module: nn.Module, clock: Clock):
+        super().__init__(name, module, clock)
+        self._calls: list[tuple[Tensor, Tensor, Tensor | None]] = []  # (x (S, F), h (S, H), c (S, H) or None)
+        self._hgrads: list[Tensor | None] = []  # dL/dh_t (S, H) per call
+        self._rows: Tensor | None = None
+        self._batch = 0  # batch size of the step's first call, to notice a batch that changes size
+
+    def _on_forward(self, args, kwargs, output) -> None:
+        x = args[0] if args else kwargs["input"]
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        if x.is_floating_point():
+            self._mark("data", torch.isfinite(x).all())
+        if not self.clock.logging or len(self._calls) >= self.max_calls:
+            return
+        unbatched = x.dim() == 1
+        x = x.unsqueeze(0) if unbatched else x
+        if self._rows is None:
+            self._batch = b = x.shape[0]
+            rows = torch.randperm(b, generator=self.clock.generator)[:min(self.clock.sample, b)].sort().values
+            self._rows = rows.to(x.device)
+        if x.shape[0] != self._batch:  # the batch changed size between calls: stop capturing
+            return
+        hx = hx if isinstance(hx, tuple) or hx is None else (hx,)
+        h_out = output[0] if isinstance(output, tuple) else output
+        rows, hsize = self._rows, self.module.hidden_size
+        state = [(s.unsqueeze(0) if unbatched else s)[rows].detach() for s in hx] if hx is not None else None
+        zeros = x.new_zeros(len(rows), hsize)
+        self._calls.append((x[rows].detach(), state[0] if state else zeros,
+                            (state[1] if state else zeros) if isinstance(self.module, nn.LSTMCell) else None))
+        self._hgrads.append(None)
+        if h_out.requires_grad:
+            h_out.register_hook(partial(self._on_h_grad, len(self._calls) - 1, unbatched))
+
+    def _on_h_grad(self, t: int, unbatched: bool, g: Tensor) -> None:
+        g = (g.unsqueeze(0) if unbatched else g)[self._rows].detach()
+        prev = self._hgrads[t]
+        self._hgrads[t] = g if prev is None else prev + g
+
+    def end_step(self) -> None:
+        """Forget what this step captured."""
+        super().end_step()
+        self._calls, self._hgrads, self._rows = [], [], None
+
+    def _internals(self, step: int) -> dict[str, Tensor]:
+        """Gates of every captured call at once, with the weights of the forward; gradient through time."""
+        if not self._calls or self._weights is None:
+            return {}
+        n, w = self.name, self._weights
+        dtype = w["weight_ih"].dtype
+        x = torch.stack([c[0] for c in self._calls], 1).to(dtype)  # (S, T, F)
+        h = torch.stack([c[1] for c in self._calls], 1).to(dtype)  # (S, T, H) state entering each call
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        # packed=True: one call is one timestep, so trailing zero steps say nothing about padding here.
+        items = {f"{n}/data/{k}": v for k, v in stats.data_stats(x, mask, packed=True).items()}
+        with torch.no_grad():
+            zx, zh = x @ w["weight_ih"].T, h @ w["weight_hh"].T  # (S, T, G * H)
+            if "bias_ih" in w:
+                zx, zh = zx + w["bias_ih"], zh + w["bias_hh"]
+            if isinstance(self.module, nn.LSTMCell):
+                c = torch.stack([c[2] for c in self._calls], 1).to(dtype)
+                i, f, g, o = (zx + zh).chunk(4, dim=2)
+                i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+                c_new = f * c + i * g
+                h_new = o * torch.tanh(c_new)
+                st = stats.gate_stats(i, f, g, o, c_new, h_new, mask)
+            else:
+                xr, xz, xn = zx.chunk(3, dim=2)
+                hr, hz, hn = zh.chunk(3, dim=2)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                nn_ = torch.tanh(xn + r * hn)
+                h_new = (1 - z) * nn_ + z * h
+                st = stats.gru_gate_stats(r, z, nn_, h_new, mask)
+        items.update({f"{n}/l0/{k}": v for k, v in st.items()})
+        self._mark("gates", torch.isfinite(h_new).all())
+        if any(g is not None for g in self._hgrads):
+            zero = torch.zeros_like(h)[:, 0]
+            g = torch.stack([gt if gt is not None else zero for gt in self._hgrads], 1)  # (S, T, H)
+            tt = stats.through_time(g, mask, reverse=False)
+            items[f"{n}/gtt"] = tt["gtt"]
+            for k in ("gtt/ratio", "gtt/decay"):
+                items[f"{n}/{k}"] = items[f"{n}/l0/{k}"] = tt[k]
+            items[f"{n}/l0/gtt"] = tt["gtt"]
+        return items
+
+
+class LSTMCellProbe(CellProbe):
+    """nn.LSTMCell: gates i, f, g, o."""
+
+    gates = ("input", "forget", "cell", "output")
+    kind = "lstm_cell"
+
+
+class GRUCellProbe(CellProbe):
+    """nn.GRUCell: gates r, z, n."""
+
+    gates = ("reset", "update", "new")
+    kind = "gru_cell"
+
+
 # Which probe watches which module type; the first match in order wins.
-PROBES: dict[type[nn.Module], type[RNNProbe]] = {nn.LSTM: LSTMProbe, nn.GRU: GRUProbe}
+PROBES: dict[type[nn.Module], type[Probe]] = {
+    nn.LSTM: LSTMProbe, nn.GRU: GRUProbe, nn.LSTMCell: LSTMCellProbe, nn.GRUCell: GRUCellProbe,
+}
 
 
-def probe_for(module: nn.Module) -> type[RNNProbe] | None:
+def probe_for(module: nn.Module) -> type[Probe] | None:
     """The probe class for a module, or None if lstmwatch does not watch its type."""
     for t, cls in PROBES.items():
         if isinstance(module, t):

@@ -59,7 +59,7 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
     found = [(name or type(m).__name__.lower(), m) for name, m in root.named_modules() if probe_for(m)]
     if not found:
         kinds = sorted({type(m).__name__ for m in root.modules()})
-        raise ValueError(f"no nn.LSTM or nn.GRU found in {type(root).__name__}; it contains: {', '.join(kinds)}")
+        raise ValueError(f"no nn.LSTM, nn.GRU, nn.LSTMCell or nn.GRUCell found in {type(root).__name__}; it contains: {', '.join(kinds)}")
     if modules is None:
         return found
     if callable(modules):
@@ -272,7 +272,7 @@ def watch(
     scaler: Any | None = None,
     **sink_options: Any,
 ) -> Watcher:
-    """Attach lstmwatch to every nn.LSTM (and nn.GRU) inside `model`; returns the Watcher."""
+    """Attach lstmwatch to every nn.LSTM (and nn.GRU, nn.LSTMCell, nn.GRUCell) inside `model`; returns the Watcher."""
     from .detectors import default_detectors
     from .sinks import make_sinks
 
