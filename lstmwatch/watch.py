@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
+import sys
 import warnings
 import weakref
 from collections import deque
@@ -49,6 +51,29 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+_PKG = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_scaler(depth: int = 3) -> Any | None:
+    """An enabled GradScaler among the variables of the caller's frames (the training loop), if any."""
+    amp = getattr(torch, "amp", None)
+    cls = getattr(amp, "GradScaler", None)
+    if cls is None:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PKG):
+        frame = frame.f_back
+    for _ in range(depth):
+        if frame is None:
+            break
+        for scope in (frame.f_locals, frame.f_globals):
+            for v in list(scope.values()):
+                if isinstance(v, cls) and v.is_enabled():
+                    return v
+        frame = frame.f_back
+    return None
 
 
 def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[str, nn.Module]]:
@@ -145,6 +170,14 @@ class Watcher:
         if self.closed:
             raise RuntimeError("this Watcher is closed; call lstmwatch.watch(model) again to watch a new run")
         s = self.clock.step
+        if self.clock.scaler is None and s == 1:
+            # Mixed precision: hooks see gradients times the GradScaler's scale. Find the scaler the
+            # training loop uses, once, so gradients are judged unscaled and its Infs are not faults.
+            scaler = find_scaler()
+            if scaler is not None:
+                self.clock.scaler = scaler
+                for p in self.probes:
+                    p.adopt_scaler(scaler)
         if loss is not None:
             self._add_loss(loss, s)
         record = None
