@@ -131,7 +131,8 @@ class Probe:
     def adopt_scaler(self, scaler) -> None:
         """A GradScaler found after this step's backward: unscale what the hooks kept, forget its Infs."""
         scale2 = scaler._scale.float().pow(2)
-        self._gsq = {k: torch.where(torch.isfinite(v), v / scale2.to(v.device), torch.nan) for k, v in self._gsq.items()}
+        self._gsq = {k: torch.where(torch.isfinite(v), v / scale2.to(v.device), torch.nan)
+                     for k, v in self._gsq.items()}
         self._first_bad = {k: v for k, v in self._first_bad.items() if not k.startswith("grad/")}
 
     # --- the logging step

@@ -84,7 +84,8 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
     found = [(name or type(m).__name__.lower(), m) for name, m in root.named_modules() if probe_for(m)]
     if not found:
         kinds = sorted({type(m).__name__ for m in root.modules()})
-        raise ValueError(f"no nn.LSTM, nn.GRU, nn.LSTMCell or nn.GRUCell found in {type(root).__name__}; it contains: {', '.join(kinds)}")
+        raise ValueError(f"no nn.LSTM, nn.GRU, nn.LSTMCell or nn.GRUCell found in {type(root).__name__}; "
+                         f"it contains: {', '.join(kinds)}")
     if modules is None:
         return found
     if callable(modules):
