@@ -227,7 +227,9 @@ class RNNProbe(Probe):
                 t.register_hook(partial(self._on_out_grad, cap, key))
         return cap
 
-    def _on_out_grad(self, cap: Capture, key: str, g: Tensor) -> None:
+    def _on_out_grad(self, cap: Capture, key: str, g: Tensor | None) -> None:
+        if g is None:  # this output does not reach the loss (e.g. only h_n is used)
+            return
         if key == "out":
             if cap.packed_meta is not None:
                 g = pad_packed_sequence(PackedSequence(g, *cap.packed_meta), batch_first=True)[0]

@@ -23,8 +23,14 @@ Schedule = Callable[[int], bool]
 ModuleFilter = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
 # Every open watcher, by the modules it watches: a second watch() closes the first
-# instead of piling hooks on top of it (notebook reruns).
-_OPEN: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
+# instead of piling hooks on top of it (notebook reruns). Weak both ways, so that a dropped
+# watcher is collected and its __del__ removes its hooks.
+_OPEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watcher]] = weakref.WeakKeyDictionary()
+
+
+def _open_watcher(module: nn.Module) -> Watcher | None:
+    ref = _OPEN.get(module)
+    return ref() if ref is not None else None
 
 
 def schedule(log_every: int | Schedule) -> Schedule:
@@ -124,14 +130,14 @@ class Watcher:
         gen = torch.Generator().manual_seed(seed)
         self.clock = Clock(step=1, logging=bool(self._schedule(1)), sample=sample, generator=gen, scaler=scaler)
         for _, m in found:
-            prev = _OPEN.get(m)
+            prev = _open_watcher(m)
             if prev is not None and not prev.closed:
                 warnings.warn("lstmwatch: this model was already watched; closing the previous watcher first",
                               LSTMWatchFailure, stacklevel=3)
                 prev.close()
         self.probes: list[RNNProbe] = [probe_for(m)(name, m, self.clock) for name, m in found]
         for _, m in found:
-            _OPEN[m] = self
+            _OPEN[m] = weakref.ref(self)
         self.detectors = list(detectors) if detectors is not None else []
         self.sinks = list(sinks)
         self.records: deque[Record] = deque(maxlen=max_records)
@@ -197,7 +203,7 @@ class Watcher:
         self.closed = True
         for p in self.probes:
             p.remove()
-            if _OPEN.get(p.module) is self:
+            if _open_watcher(p.module) is self:
                 del _OPEN[p.module]
         for s in self.sinks:
             self._call(s, "close")
