@@ -47,30 +47,35 @@ class Finding:
 
 
 def _explains(cause: Event, effect: Event) -> bool:
+    if effect.kind == "nonfinite" and "input batch" in effect.message:
+        return False  # NaN in the data comes from outside training: nothing in the run explains it
     # A non-finite value is the root of everything after it, wherever it first appeared.
     same_place = cause.kind == "nonfinite" or not cause.module or not effect.module or cause.module == effect.module
     return same_place and effect.kind in CAUSES.get(cause.kind, ()) and cause.step <= effect.step
 
 
+def _priority(kind: str) -> int:
+    return PRIORITY.index(kind) if kind in PRIORITY else len(PRIORITY)
+
+
 def diagnose(events: list[Event]) -> list[Finding]:
-    """Group events by (kind, module), then hang each group under the earliest group that explains it."""
+    """Group events by (kind, module); in order of first appearance, hang each group under an earlier
+    root that explains it; rank the roots by severity, then by how fundamental their kind is."""
     groups: dict[tuple[str, str], Finding] = {}
-    for e in sorted(events, key=lambda e: e.step):
+    for e in sorted(events, key=lambda e: (e.step, _priority(e.kind))):
         key = (e.kind, e.module)
         if key in groups:
             groups[key].count += 1
         else:
             groups[key] = Finding(e)
-    order = sorted(groups.values(), key=lambda f: (_SEV[f.cause.severity], PRIORITY.index(f.kind)
-                                                   if f.kind in PRIORITY else len(PRIORITY), f.cause.step))
     roots: list[Finding] = []
-    for f in order:
+    for f in groups.values():  # insertion order: first step, then priority
         parent = next((r for r in roots if _explains(r.cause, f.cause)), None)
         if parent is None:
             roots.append(f)
         else:
             parent.consequences.append(f.cause)
-    return roots
+    return sorted(roots, key=lambda f: (_SEV[f.cause.severity], _priority(f.kind), f.cause.step))
 
 
 def summary(findings: list[Finding], steps: int = 0, modules: list[str] | None = None) -> str:

@@ -52,7 +52,7 @@ class ExplodingGradient(Detector):
                               g / level))
         if ratio is not None and ratio > self.max_update_ratio:
             m = max(record.modules, key=lambda m: max_update_ratio(record, m) or 0)
-            found.append((m, f"one optimizer step changed the weights by {fmt(ratio)} of their norm "
+            found.append((m, f"one optimizer step changed the weights by {fmt(ratio)} times their norm "
                           f"(threshold {self.max_update_ratio:g}; healthy is about 1e-3)", ratio))
         for m in record.modules:
             for lab in layers(record, m):

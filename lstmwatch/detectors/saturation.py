@@ -7,12 +7,18 @@ from collections.abc import Iterable
 from ..events import Event, Record
 from .base import Detector, LossTrend, Streak, finite, layers, pct
 
-_GATE_HINT = {
-    "input": "the input gate is shut, so nothing new enters the cell",
-    "forget": "the forget gate is pinned, so the cell either forgets everything at once or never forgets",
-    "output": "the output gate is pinned, so the hidden state hides the cell or passes it unfiltered",
-    "reset": "the reset gate is pinned",
-    "update": "the update gate is pinned",
+# What a gate pinned low / high does to the cell.
+_GATE_MEANING = {
+    "input": ("the input gate is shut, so nothing new enters the cell",
+              "the input gate is always open, so every input is written into the cell unfiltered"),
+    "forget": ("the forget gate is shut, so the cell forgets everything at every step",
+               "the forget gate is always open, so the cell never forgets and keeps accumulating"),
+    "output": ("the output gate is shut, so the hidden state hides the cell",
+               "the output gate is always open, so the cell passes to the hidden state unfiltered"),
+    "reset": ("the reset gate is shut, so the candidate ignores the past state",
+              "the reset gate is always open"),
+    "update": ("the update gate is shut, so the state is overwritten at every step",
+               "the update gate is always open, so the state never changes"),
 }
 
 
@@ -64,17 +70,18 @@ class GateSaturation(_Saturation):
             for gate in ("input", "forget", "output", "reset", "update"):
                 left, right = s.get(f"{module}/{lab}/{gate}/sat_left"), s.get(f"{module}/{lab}/{gate}/sat_right")
                 if finite(left) and finite(right):
-                    yield f"{lab}/{gate}", f"{gate} gate of layer {lab}", left + right
+                    yield f"{lab}/{gate}", f"the {gate} gate of layer {lab}", left + right
 
     def _event(self, record, m, key, label, frac, early):
         lab, gate = key.split("/")
         s = record.stats
         left, right = s[f"{m}/{key}/sat_left"], s[f"{m}/{key}/sat_right"]
-        side = "below 0.1" if left >= right else "above 0.9"
+        low = left >= right
         when = "from the first step on" if early else "while the loss stalls"
-        return self.event(record, m, f"{pct(frac)} of the {label} values are saturated ({pct(left)} below 0.1, "
-                          f"{pct(right)} above 0.9; threshold {pct(self.threshold)}), mostly {side}, {when}: "
-                          f"{_GATE_HINT.get(gate, 'the gate is pinned')}, and its gradient vanishes.",
+        meaning = _GATE_MEANING.get(gate, ("the gate is pinned shut", "the gate is pinned open"))[0 if low else 1]
+        return self.event(record, m, f"{pct(frac)} of the values of {label} are saturated ({pct(left)} below 0.1, "
+                          f"{pct(right)} above 0.9; threshold {pct(self.threshold)}), {when}: "
+                          f"{meaning}, and the gate's gradient vanishes.",
                           "standardize the inputs (see unnormalized_input), check the gate biases "
                           "(`lstmwatch.remedies.set_forget_bias(model, 1.0)` resets the forget gate to a sane "
                           "start), or lower the learning rate if the saturation grew during training.")
@@ -91,11 +98,11 @@ class HiddenSaturation(_Saturation):
             for key, label in (("c", "cell output tanh(c)"), ("h", "hidden state")):
                 v = s.get(f"{module}/{lab}/{key}/sat")
                 if finite(v):
-                    yield f"{lab}/{key}", f"{label} of layer {lab}", v
+                    yield f"{lab}/{key}", f"the {label} of layer {lab}", v
 
     def _event(self, record, m, key, label, frac, early):
         when = "from the first step on" if early else "while the loss stalls"
-        return self.event(record, m, f"{pct(frac)} of the {label} values are beyond +-0.9 (threshold "
+        return self.event(record, m, f"{pct(frac)} of the values of {label} are beyond +-0.9 (threshold "
                           f"{pct(self.threshold)}), {when}: the tanh is saturated, its gradient is close to zero "
                           "and the state carries little beyond a sign.",
                           "standardize the inputs, lower the learning rate, and keep the forget and input gate "
