@@ -35,7 +35,7 @@ class UnnormalizedInput(Detector):
                 continue
             if big:
                 msg = (f"the input features have means up to {fmt(mean)} and standard deviations up to {fmt(std)} "
-                       f"(|x| reaches {fmt(s.get('data/absmax', 0))}; thresholds {self.max_mean:g} and "
+                       f"(|x| reaches {fmt(s.get('data/absmax', 0))}; thresholds: |mean| {self.max_mean:g}, std "
                        f"{self.max_std:g}): the gates' pre-activations are pushed far from 0, the sigmoids and "
                        "tanh saturate and their gradients vanish.")
             else:

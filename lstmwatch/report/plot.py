@@ -1,0 +1,460 @@
+"""One matplotlib figure of a run: loss, gradient norms, gate saturation, gradient through time, inputs, updates.
+
+Each panel says what healthy looks like, in a caption under its title and, where a range is known,
+as a shaded band. matplotlib is imported here only, when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ..events import Event, Record
+from . import RunView, as_run
+
+# Panel labels (Axes.get_label()), in reading order: left to right, top to bottom.
+PANELS = ("loss", "grad_norm", "saturation", "through_time", "inputs", "update_ratio")
+TITLES = {
+    "loss": "Loss",
+    "grad_norm": "Gradient norm per layer",
+    "saturation": "Gate saturation per gate and layer",
+    "through_time": "Gradient through time, dL/dh_t",
+    "inputs": "Input statistics",
+    "update_ratio": "Update / weight per layer",
+}
+CAPTIONS = {
+    "loss": "healthy: falls, then flattens; never climbs back above its early values. Lines mark what lstmwatch found.",
+    "grad_norm": "healthy: each layer inside 0.1x-10x of the run's median (shaded), slowly falling; no layer far "
+                 "below the rest.",
+    "saturation": "healthy: under half the units pinned (sigmoid <0.1 or >0.9, tanh |x|>0.9; shaded); a forget "
+                  "gate near 1 can be memory.",
+    "through_time": "healthy: reaches back as far as the task must remember and flattens with training; a fall of "
+                    "many decades that stays starves the early steps.",
+    "inputs": "healthy: std near 1 and |x| max below ~10 (shaded); zero padding 0%, or the batch is packed.",
+    "update_ratio": "healthy: |dw|/|w| near 1e-3 per step (shaded 1e-4 to 1e-2); far below: learning rate too low, "
+                    "far above: too high.",
+}
+GATE_COLORS = {"input": "#1f77b4", "forget": "#ff7f0e", "cell": "#2ca02c", "output": "#d62728",
+               "reset": "#9467bd", "update": "#8c564b", "new": "#2ca02c", "h": "#7f7f7f"}
+SEVERITY_COLORS = {"error": "#c0392b", "warning": "#e67e22", "info": "#7f8c8d"}
+HEALTHY = "#2ca02c"
+FIGSIZE = (12.0, 12.5)  # inches; 1150 px wide at the report's 96 dpi
+_LAYER = re.compile(r"^l(\d+)(_reverse)?$")
+
+
+def plot(run: Any) -> Any:
+    """One matplotlib Figure of a Watcher, a Run from lstmwatch.load, or a run log path."""
+    view = as_run(run)
+    _require()
+    _choose_backend()
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=FIGSIZE)
+    draw(view, fig)
+    return fig
+
+
+def figure(run: Any) -> Any:
+    """The same figure outside pyplot (no global state, nothing to close): for files and reports."""
+    _require()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE)
+    draw(as_run(run), fig)
+    return fig
+
+
+def png(run: Any, dpi: int = 96) -> bytes:
+    """The figure of a run as PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    figure(run).savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+
+def _require() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("lstmwatch's plots need matplotlib: pip install 'lstmwatch[plots]'") from None
+
+
+def _choose_backend() -> None:
+    """Agg when there is no display and nobody chose a backend (MPLBACKEND, or pyplot already imported)."""
+    if "matplotlib.pyplot" in sys.modules or os.environ.get("MPLBACKEND"):
+        return
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import matplotlib
+
+        matplotlib.use("Agg")
+
+
+# --- drawing
+
+def draw(view: RunView, fig: Any) -> None:
+    """Draw the six panels of a run into an empty figure."""
+    # Fixed margins rather than constrained layout, which took over half of the drawing time.
+    axes = fig.subplots(3, 2, gridspec_kw={"left": 0.065, "right": 0.945, "top": 0.915, "bottom": 0.045,
+                                           "hspace": 0.5, "wspace": 0.3})
+    by = dict(zip(PANELS, axes.flat))
+    recs = sorted(view.records, key=lambda r: r.step)
+    mods = view.modules or sorted({m for r in recs for m in r.modules})
+    steps = max(view.steps, max((r.step for r in recs), default=0), 1)
+    first = _first_events(view.events)
+    bad = _first_nonfinite(recs)
+    for name, ax in by.items():
+        ax.set_label(name)
+        _title(ax, TITLES[name], CAPTIONS[name])
+        if name != "through_time":
+            ax.set_xlim(0, steps * 1.02)
+            ax.set_xlabel("step")
+            if bad is not None:
+                ax.axvspan(bad, steps * 1.02, color="#888", alpha=0.13, lw=0, zorder=0,
+                           label="after the first NaN/Inf" if name == "loss" else None)
+            for e in first:
+                if name != "loss":
+                    ax.axvline(e.step, color=SEVERITY_COLORS.get(e.severity, "#7f8c8d"), lw=0.8, alpha=0.35, zorder=0)
+        ax.grid(True, which="major", alpha=0.25)
+    _loss(by["loss"], recs, first, multi=len(mods) > 1)
+    _grad_norm(by["grad_norm"], recs, mods)
+    _saturation(by["saturation"], recs, mods)
+    _through_time(by["through_time"], recs, mods)
+    _inputs(by["inputs"], recs, mods)
+    _update_ratio(by["update_ratio"], recs, mods)
+    where = f" on {', '.join(mods)}" if mods else ""
+    fig.suptitle(_t(f"lstmwatch · {view.name} · {steps} steps{where} · {len(recs)} records, "
+                    f"{len(view.events)} events"), fontsize=13, fontweight="bold")
+
+
+def _title(ax: Any, title: str, caption: str) -> None:
+    import textwrap
+
+    lines = textwrap.wrap(caption, 82)
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold", pad=6 + 10.5 * len(lines))
+    ax.annotate("\n".join(lines), xy=(0, 1), xycoords="axes fraction", xytext=(0, 4), textcoords="offset points",
+                va="bottom", ha="left", fontsize=8, color="#4d4d4d")
+
+
+def _t(s: Any) -> str:
+    """Text from the model or the run, safe from matplotlib's mathtext."""
+    return str(s).replace("$", r"\$")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _series(recs: Sequence[Record], key: str, positive: bool = False) -> tuple[list[int], list[float]]:
+    """Steps and values of one statistic; values a log axis cannot show become gaps (NaN)."""
+    xs, ys = [], []
+    for r in recs:
+        v = r.stats.get(key)
+        if v is None:
+            continue
+        xs.append(r.step)
+        ok = _finite(v) and (v > 0 or not positive)
+        ys.append(float(v) if ok else math.nan)
+    return xs, ys
+
+
+def _any(ys: Sequence[float]) -> bool:
+    return any(not math.isnan(y) for y in ys)
+
+
+def _layers(recs: Sequence[Record], module: str, suffix: str) -> list[str]:
+    """Layer-direction labels (l0, l0_reverse, l1, ...) of a module that have `suffix` in the records."""
+    p = module + "/"
+    labs = set()
+    for r in recs:
+        for k in r.stats:
+            if k.startswith(p) and k.endswith("/" + suffix):
+                lab = k[len(p):-len(suffix) - 1]
+                if _LAYER.match(lab):
+                    labs.add(lab)
+    return sorted(labs, key=lambda s: (int(_LAYER.match(s).group(1)), s))
+
+
+def _layer_style(labs: list[str], lab: str, cmap: Any) -> dict[str, Any]:
+    n = len({_LAYER.match(x).group(1) for x in labs})
+    k = int(_LAYER.match(lab).group(1))
+    return {"color": cmap(0.1 + 0.75 * k / max(1, n - 1)) if n > 1 else cmap(0.35),
+            "ls": "--" if lab.endswith("_reverse") else "-"}
+
+
+def _name(module: str, lab: str, multi: bool) -> str:
+    lab = lab.replace("_reverse", " reverse")
+    return _t(f"{module} {lab}" if multi else lab)
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#888", fontsize=10)
+
+
+def _legend(ax: Any, **kw: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7, framealpha=0.85, **kw)
+
+
+def _severity_rank(e: Event) -> int:
+    order = ("error", "warning", "info")
+    return order.index(e.severity) if e.severity in order else len(order)
+
+
+def _first_nonfinite(recs: Sequence[Record]) -> int | None:
+    """The first step at which a NaN or Inf appeared anywhere (loss, gradients, gates), or None."""
+    steps = [v for r in recs for k, v in r.stats.items() if "nonfinite" in k and _finite(v)]
+    steps += [r.step for r in recs if r.loss is not None and not _finite(r.loss)]
+    return int(min(steps)) if steps else None
+
+
+def _first_events(events: Sequence[Event]) -> list[Event]:
+    """The first event of each (kind, module): what gets a line on the plots."""
+    seen: dict[tuple[str, str], Event] = {}
+    for e in sorted(events, key=lambda e: e.step):
+        seen.setdefault((e.kind, e.module), e)
+    return list(seen.values())
+
+
+def _loss(ax: Any, recs: Sequence[Record], first: list[Event], multi: bool) -> None:
+    from matplotlib.transforms import blended_transform_factory
+
+    xs = [r.step for r in recs if r.loss is not None]
+    ys = [float(r.loss) if _finite(r.loss) else math.nan for r in recs if r.loss is not None]
+    mx, my = _series(recs, "loss_mean")
+    vx = [r.step for r in recs if r.val_loss is not None]
+    vy = [float(r.val_loss) if _finite(r.val_loss) else math.nan for r in recs if r.val_loss is not None]
+    if _any(ys):
+        ax.plot(xs, ys, "o-", ms=3, lw=1.3, color="#1f77b4", label="loss (at the logging step)")
+    if _any(my):
+        ax.plot(mx, my, "-", lw=1, color="#1f77b4", alpha=0.45, label="mean since the previous log")
+    if _any(vy):
+        ax.plot(vx, vy, "s-", ms=4, lw=1.3, color="#9467bd", label="validation loss")
+    vals = [v for v in ys + my + vy if not math.isnan(v)]
+    if vals and min(vals) > 0 and max(vals) / min(vals) > 30:
+        ax.set_yscale("log")
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    bad = [x for x, y in zip(xs, ys) if math.isnan(y)]
+    if bad:
+        ax.plot(bad, [0.97] * len(bad), "x", color="#c0392b", ms=6, mew=1.5, transform=top, label="loss NaN or Inf")
+    if not vals and not bad:
+        _empty(ax, "no loss recorded: pass the loss to watcher.step(loss)")
+    # A line per step at which something was first found; one label per cluster of nearby lines.
+    span = max(1.0, ax.get_xlim()[1])
+    groups: list[list[Event]] = []
+    for e in first:  # sorted by step
+        if groups and e.step - groups[-1][0].step <= 0.04 * span:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    for g, evs in enumerate(groups[:10]):
+        for step in sorted({e.step for e in evs}):
+            worst = min((e for e in evs if e.step == step), key=_severity_rank)
+            ax.axvline(step, color=SEVERITY_COLORS.get(worst.severity, "#7f8c8d"), lw=1.2, alpha=0.8, zorder=1)
+        worst = min(evs, key=_severity_rank)
+        color = SEVERITY_COLORS.get(worst.severity, "#7f8c8d")
+        text = "\n".join(f"{e.kind}{f' ({e.module})' if multi and e.module else ''} @{e.step}" for e in evs[:4])
+        if len(evs) > 4:
+            text += f"\n+{len(evs) - 4} more"
+        right = evs[-1].step > 0.6 * span  # labels late in the run grow to the left of their line
+        y = (0.92, 0.66, 0.40)[g % 3]  # neighbouring labels at staggered heights
+        ax.text(evs[0].step if right else evs[-1].step, y, _t(text), transform=top, va="top",
+                ha="right" if right else "left", fontsize=7, color=color,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "lw": 0.6, "alpha": 0.85})
+    _legend(ax, loc="lower left" if not ax.get_yscale() == "log" else "best")
+    ax.set_ylabel("loss")
+
+
+def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    lines = 0
+    for m in mods:
+        labs = _layers(recs, m, "grad_norm")
+        for lab in labs:
+            xs, ys = _series(recs, f"{m}/{lab}/grad_norm", positive=True)
+            if _any(ys):
+                ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, label=_name(m, lab, len(mods) > 1),
+                        **_layer_style(labs, lab, cmap))
+                lines += 1
+    drew = lines > 0
+    xs, ys = _series(recs, "grad_norm", positive=True)
+    good = sorted(y for y in ys if not math.isnan(y))
+    if good:
+        if lines != 1:  # with one layer the total is that layer's line
+            ax.plot(xs, ys, "-", lw=1, color="black", alpha=0.6, label="all LSTMs")
+        med = good[len(good) // 2]
+        ax.axhspan(0.1 * med, 10 * med, color=HEALTHY, alpha=0.08, lw=0, label="0.1x-10x median")
+        drew = True
+    if drew:
+        ax.set_yscale("log")
+        _legend(ax, loc="best", ncol=2)
+    else:
+        _empty(ax, "no gradient recorded (all zero or missing)")
+    ax.set_ylabel("gradient norm (log)")
+
+
+def _saturation(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    ax.axhspan(0, 0.5, color=HEALTHY, alpha=0.07, lw=0)
+    gates_seen: list[str] = []
+    n_layers = 1
+    for m in mods:
+        labs = _layers(recs, m, "h/sat")
+        n_layers = max(n_layers, len(labs))
+        for i, lab in enumerate(labs):
+            alpha = 1.0 - 0.65 * i / max(1, len(labs) - 1)
+            ls = "--" if lab.endswith("_reverse") else "-"
+            p = f"{m}/{lab}/"
+            gates = sorted({k[len(p):].split("/")[0] for r in recs for k in r.stats if k.startswith(p)
+                            and k.endswith(("/sat_left", "/sat"))} - {"c"}, key=_gate_order)
+            for gate in gates:
+                if gate in ("h",):
+                    xs, ys = _series(recs, p + "h/sat")
+                    style = {"ls": ":", "lw": 1.4}
+                elif any(p + f"{gate}/sat_left" in r.stats for r in recs):
+                    xs, left = _series(recs, p + f"{gate}/sat_left")
+                    _, right = _series(recs, p + f"{gate}/sat_right")
+                    ys = [a + b for a, b in zip(left, right)] if len(right) == len(left) else left
+                    style = {"ls": ls, "lw": 1.3}
+                else:
+                    xs, ys = _series(recs, p + f"{gate}/sat")
+                    style = {"ls": ls, "lw": 1.3}
+                if _any(ys):
+                    ax.plot(xs, ys, color=GATE_COLORS.get(gate, "#333"), alpha=alpha, marker="o", ms=2, **style)
+                    if gate not in gates_seen:
+                        gates_seen.append(gate)
+    if not gates_seen:
+        _empty(ax, "no gate statistics recorded")
+        return
+    handles = [Line2D([], [], color=GATE_COLORS.get(g, "#333"), ls=":" if g == "h" else "-",
+                      label="hidden h" if g == "h" else (f"{g} gate" if g != "cell" else "cell gate g"))
+               for g in gates_seen]
+    if n_layers > 1:
+        handles.append(Line2D([], [], color="#999", alpha=0.45, label="fainter: deeper layer"))
+    ax.legend(handles=handles, fontsize=7, framealpha=0.85, loc="best", ncol=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("fraction saturated")
+
+
+def _gate_order(g: str) -> int:
+    order = ("input", "forget", "cell", "output", "reset", "update", "new", "h")
+    return order.index(g) if g in order else len(order)
+
+
+def _through_time(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["plasma"]
+    drew = False
+    length, dead = 1, 0  # the longest curve; leading steps of the latest curve that got no gradient at all
+    styles = ("-", "--", "-.", ":")
+    for mi, m in enumerate(mods[:4]):
+        key = f"{m}/gtt"
+        have = [r for r in recs if key in r.curves and any(_finite(v) and v > 0 for v in r.curves[key])]
+        if not have:
+            continue
+        n = min(4, len(have))
+        picks = sorted({round(i * (len(have) - 1) / max(1, n - 1)) for i in range(n)})
+        for j, idx in enumerate(picks):
+            r = have[idx]
+            ys = [v if _finite(v) and v > 0 else math.nan for v in r.curves[key]]
+            ratio = r.stats.get(f"{m}/gtt/ratio")
+            extra = "" if not _finite(ratio) else (f", first/last {ratio:.0e}" if ratio > 0 else ", none reaches t=0")
+            who = f"{m} " if len(mods) > 1 else ""
+            ax.plot(range(len(ys)), ys, ls=styles[mi % 4], lw=1.5, color=cmap(0.1 + 0.7 * j / max(1, len(picks) - 1)),
+                    label=_t(f"{who}step {r.step}{extra}"))
+            drew = True
+            length = max(length, len(ys))
+        last = have[picks[-1]]
+        lead = next((i for i, v in enumerate(last.curves[key]) if _finite(v) and v > 0), 0)
+        dead = max(dead, lead)
+        deep = f"{m}/l0/gtt"
+        n_layers = len(_layers(recs, m, "gtt/ratio"))
+        if n_layers > 1 and deep in last.curves:
+            ys = [v if _finite(v) and v > 0 else math.nan for v in last.curves[deep]]
+            if _any(ys):
+                ax.plot(range(len(ys)), ys, ls=":", lw=1.5, color="#555",
+                        label=_t(f"{m + ' ' if len(mods) > 1 else ''}first layer l0, step {last.step}"))
+    if drew:
+        ax.set_yscale("log")
+        ax.set_xlim(-0.5, length - 0.5)
+        if dead:
+            ax.axvspan(-0.5, dead - 0.5, color="#888", alpha=0.13, lw=0, zorder=0)
+            ax.text(dead / 2, 0.04, f"no gradient\nreaches t < {dead}", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=8, color="#555")
+        _legend(ax, loc="best")
+    else:
+        _empty(ax, "no gradient through time recorded")
+    ax.set_xlabel("timestep t (0 = first input)")
+    ax.set_ylabel("||dL/dh_t|| (log)")
+
+
+def _inputs(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+    ax.axhspan(0.1, 10, color=HEALTHY, alpha=0.07, lw=0)
+    twin = ax.twinx()
+    twin.set_label("inputs:pad_frac")
+    drew = False
+    multi = len(mods) > 1
+    for i, m in enumerate(mods[:4]):
+        who = f"{m} " if multi else ""
+        color = ("#1f77b4", "#9467bd", "#17becf", "#bcbd22")[i]
+        xs, ys = _series(recs, f"{m}/data/absmax", positive=True)
+        if _any(ys):
+            ax.plot(xs, ys, "o-", ms=2.5, lw=1.3, color=color, label=_t(f"{who}|x| max"))
+            drew = True
+        xs, ys = _series(recs, f"{m}/data/std", positive=True)
+        if _any(ys):
+            ax.plot(xs, ys, "s--", ms=2.5, lw=1.3, color=color, alpha=0.7, label=_t(f"{who}std"))
+            drew = True
+        xs, ys = _series(recs, f"{m}/data/pad_frac")
+        if _any(ys):
+            twin.plot(xs, [100 * y for y in ys], "-", lw=1.6, color="#d62728", alpha=0.8,
+                      label=_t(f"{who}zero padding (right axis)"))
+    twin.set_ylim(-2, 102)
+    twin.set_ylabel("zero padding, % of steps", color="#d62728", fontsize=8)
+    twin.tick_params(axis="y", colors="#d62728", labelsize=8)
+    if drew:
+        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.05), max(hi, 20))
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = twin.get_legend_handles_labels()
+        # On the main axes, so that "best" steers clear of the scale lines; the padding line stays near 0.
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, framealpha=0.85, loc="best")
+    else:
+        _empty(ax, "no input statistics recorded")
+    ax.set_ylabel("input scale (log)")
+
+
+def _update_ratio(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    ax.axhspan(1e-4, 1e-2, color=HEALTHY, alpha=0.07, lw=0)
+    drew = False
+    for m in mods:
+        labs = _layers(recs, m, "update_ratio")
+        for lab in labs:
+            xs, ys = _series(recs, f"{m}/{lab}/update_ratio", positive=True)
+            if _any(ys):
+                ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, label=_name(m, lab, len(mods) > 1),
+                        **_layer_style(labs, lab, cmap))
+                drew = True
+    ax.set_yscale("log")
+    if drew:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 3e-5), max(hi, 3e-2))
+        _legend(ax, loc="best", ncol=2)
+    else:
+        ax.set_ylim(1e-6, 1)
+        _empty(ax, "no weight update recorded")
+    ax.set_ylabel("|dw| / |w| per step (log)")

@@ -1,0 +1,157 @@
+"""The figure and the HTML report: panels for every kind of input, self-contained, escaped."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lstmwatch
+from lstmwatch.events import Event, Record
+from lstmwatch.report import RunView, as_run
+from lstmwatch.report.html import render, write
+from lstmwatch.report.plot import PANELS
+from lstmwatch.runlog import event_line
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+ODD = "<script>alert('$x$ & \"y\"')</script>"  # html, a quote, mathtext dollars and a '/' in one module name
+
+
+class Tiny(nn.Module):
+    """A 2-layer LSTM under any attribute name, and a linear head."""
+
+    def __init__(self, name: str = "lstm"):
+        super().__init__()
+        self.name = name
+        self.add_module(name, nn.LSTM(3, 8, num_layers=2, batch_first=True))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        out, _ = getattr(self, self.name)(x)
+        return self.head(out[:, -1])
+
+
+def train(tmp: Path, name: str = "lstm", steps: int = 6):
+    model = Tiny(name)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    w = lstmwatch.watch(model, log_every=1, console=False, log_path=tmp / "run.jsonl")
+    with w:
+        for _ in range(steps):
+            x = torch.randn(4, 6, 3)
+            loss = (model(x) - x[:, :1, 0]).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            w.step(loss)
+    return w
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    return train(tmp)
+
+
+def panels(fig) -> set[str]:
+    return {ax.get_label() for ax in fig.axes}
+
+
+def test_plot_of_a_watcher_a_run_and_a_path(watched):
+    path = watched.sinks[-1].path
+    for what in (watched, lstmwatch.load(path), str(path), Path(path)):
+        fig = lstmwatch.plot(what)
+        try:
+            assert isinstance(fig, Figure)
+            assert set(PANELS) <= panels(fig)
+            # every panel drew something: a line beyond the healthy bands and event markers
+            for ax in fig.axes:
+                if ax.get_label() in PANELS:
+                    assert ax.lines, ax.get_label()
+        finally:
+            plt.close(fig)
+
+
+def test_plot_marks_events_nonfinite_values_and_survives_an_empty_run():
+    recs = [Record(step=s, loss=v, stats={"loss": v, "m/grad_norm": g, "m/l0/grad_norm": g, "grad_norm": g,
+                                          "m/l0/forget/sat_left": 0.1, "m/l0/forget/sat_right": 0.2,
+                                          "m/data/absmax": 3.0, "m/data/std": 1.0, "m/data/pad_frac": 0.0},
+                   curves={"m/gtt": [0.0, 1e-3, 1e-2, g]}, modules=("m",))
+            for s, v, g in [(1, 1.0, 0.5), (2, 0.8, 0.0), (4, math.inf, math.nan), (8, math.nan, math.inf)]]
+    events = [Event(2, "exploding_gradient", "warning", "m", "measured", "fix"),
+              Event(4, "nonfinite", "error", "", "measured", "fix")]
+    fig = lstmwatch.plot(RunView({"modules": [{"name": "m"}]}, recs, events))
+    try:
+        loss = next(ax for ax in fig.axes if ax.get_label() == "loss")
+        text = " ".join(t.get_text() for t in loss.texts)
+        assert "exploding_gradient" in text and "nonfinite" in text
+    finally:
+        plt.close(fig)
+    fig = lstmwatch.plot(RunView({}, [], []))
+    try:
+        assert set(PANELS) <= panels(fig)
+    finally:
+        plt.close(fig)
+
+
+def test_as_run_refuses_what_it_cannot_read():
+    with pytest.raises(TypeError, match="Watcher"):
+        as_run(42)
+
+
+def test_report_is_self_contained_and_in_order(watched, tmp_path):
+    out = write(watched.sinks[-1].path, tmp_path / "sub" / "report.html")
+    text = Path(out).read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I) is None
+    assert "<script" not in text and "<link" not in text and "@import" not in text
+    assert re.search(r'<img[^>]+src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', text)
+    order = [text.index(s) for s in ('id="diagnosis"', 'id="plots"', 'id="events"', 'id="model"')]
+    assert order == sorted(order)
+    assert "hidden size" in text and "<code>lstm</code>" in text
+
+
+def test_report_escapes_everything_from_the_model_and_the_run(tmp_path):
+    torch.manual_seed(0)
+    w = train(tmp_path, name=ODD, steps=3)
+    log = Path(w.sinks[-1].path)
+    lines = log.read_text().splitlines(keepends=True)
+    for e in (Event(2, "exploding_gradient", "error", ODD, "norm <b>9</b> & more", "use `clip_grad_norm_(m, 1.0)`"),
+              Event(3, "<img src=x onerror=alert(1)>", "warning", "", "<i>", "<u>")):
+        w.events.append(e)
+        lines.insert(-1, event_line(e))  # before the closing line
+    log.write_text("".join(lines))
+    for what in (w, log):
+        text = render(what)
+        assert "<script>alert" not in text and "<img src=x" not in text and "<b>9</b>" not in text
+        assert "&lt;script&gt;alert(" in text and "&lt;b&gt;9&lt;/b&gt;" in text
+        assert "<code>clip_grad_norm_(m, 1.0)</code>" in text  # backticks become code, after escaping
+        assert "data:image/png;base64," in text  # the odd name did not break the figure (mathtext '$')
+
+
+def test_report_without_matplotlib_says_so(watched, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    text = render(watched)
+    assert "<img" not in text
+    assert "Plots left out" in text and "lstmwatch[plots]" in text
+    assert 'id="diagnosis"' in text and 'id="events"' in text
+
+
+def test_report_of_a_healthy_run_and_of_a_run_cut_short(tmp_path):
+    log = tmp_path / "cut.jsonl"
+    torch.manual_seed(0)
+    train(tmp_path, steps=2)
+    full = (tmp_path / "run.jsonl").read_text().splitlines(keepends=True)
+    log.write_text("".join(line for line in full if '"type":"end"' not in line))
+    text = render(log, plots=False)
+    assert "No problem found" in text or "root cause" in text
+    assert "cut short" in text
+    assert "Plots left out" in text
