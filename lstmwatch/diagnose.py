@@ -47,6 +47,8 @@ class Finding:
 
 
 def _explains(cause: Event, effect: Event) -> bool:
+    if cause.severity == "info":
+        return False  # an observation (a frozen LSTM, say) is not a fault that causes others
     if effect.kind == "nonfinite" and "input batch" in effect.message:
         return False  # NaN in the data comes from outside training: nothing in the run explains it
     # A non-finite value is the root of everything after it, wherever it first appeared.

@@ -51,23 +51,77 @@ class LSTMWatchWarning(UserWarning):
         super().__init__(str(event))
 
 
-def _warning(kind: str, doc: str) -> type[LSTMWatchWarning]:
-    name = "".join(p.capitalize() for p in kind.split("_")) + "Warning"
-    return type(name, (LSTMWatchWarning,), {"kind": kind, "__doc__": doc, "__module__": "lstmwatch"})
+class ExplodingGradientWarning(LSTMWatchWarning):
+    """Gradient norms far above the run's own level."""
+
+    kind = "exploding_gradient"
 
 
-ExplodingGradientWarning = _warning("exploding_gradient", "Gradient norms far above the run's own level.")
-VanishingGradientWarning = _warning("vanishing_gradient", "Early layers or timesteps get vanishing gradient.")
-NoGradientWarning = _warning("no_gradient", "An LSTM gets no gradient, or an exactly zero one.")
-NotUpdatedWarning = _warning("not_updated", "An LSTM gets gradients but its weights do not change.")
-StalledLossWarning = _warning("stalled_loss", "The loss has not improved since the start of the run.")
-DivergingLossWarning = _warning("diverging_loss", "The loss rises well above its best.")
-NonFiniteWarning = _warning("nonfinite", "A NaN or Inf appeared.")
-GateSaturationWarning = _warning("gate_saturation", "Sigmoid gates pinned near 0 or 1.")
-HiddenSaturationWarning = _warning("hidden_saturation", "Cell output or hidden state pinned at +-1.")
-UnnormalizedInputWarning = _warning("unnormalized_input", "Inputs far from zero mean and unit scale.")
-PaddingWarning = _warning("padding", "Zero padding fed as a plain tensor rather than a PackedSequence.")
-OverfittingWarning = _warning("overfitting", "Validation loss rises while training loss falls.")
+class VanishingGradientWarning(LSTMWatchWarning):
+    """Early layers or timesteps get vanishing gradient."""
+
+    kind = "vanishing_gradient"
+
+
+class NoGradientWarning(LSTMWatchWarning):
+    """An LSTM gets no gradient, or an exactly zero one."""
+
+    kind = "no_gradient"
+
+
+class NotUpdatedWarning(LSTMWatchWarning):
+    """An LSTM gets gradients but its weights do not change."""
+
+    kind = "not_updated"
+
+
+class StalledLossWarning(LSTMWatchWarning):
+    """The loss has not improved since the start of the run."""
+
+    kind = "stalled_loss"
+
+
+class DivergingLossWarning(LSTMWatchWarning):
+    """The loss rises well above its best."""
+
+    kind = "diverging_loss"
+
+
+class NonFiniteWarning(LSTMWatchWarning):
+    """A NaN or Inf appeared."""
+
+    kind = "nonfinite"
+
+
+class GateSaturationWarning(LSTMWatchWarning):
+    """Sigmoid gates pinned near 0 or 1."""
+
+    kind = "gate_saturation"
+
+
+class HiddenSaturationWarning(LSTMWatchWarning):
+    """Cell output or hidden state pinned at +-1."""
+
+    kind = "hidden_saturation"
+
+
+class UnnormalizedInputWarning(LSTMWatchWarning):
+    """Inputs far from zero mean and unit scale."""
+
+    kind = "unnormalized_input"
+
+
+class PaddingWarning(LSTMWatchWarning):
+    """Zero padding fed as a plain tensor rather than a PackedSequence."""
+
+    kind = "padding"
+
+
+class OverfittingWarning(LSTMWatchWarning):
+    """Validation loss rises while training loss falls."""
+
+    kind = "overfitting"
+
 
 WARNINGS: dict[str, type[LSTMWatchWarning]] = {
     c.kind: c
@@ -77,6 +131,10 @@ WARNINGS: dict[str, type[LSTMWatchWarning]] = {
         HiddenSaturationWarning, UnnormalizedInputWarning, PaddingWarning, OverfittingWarning,
     )
 }
+
+
+for _cls in (LSTMWatchWarning, *WARNINGS.values()):
+    _cls.__module__ = "lstmwatch"  # users name them lstmwatch.PaddingWarning (filters, -W error::...)
 
 
 def warning_for(event: Event) -> LSTMWatchWarning:

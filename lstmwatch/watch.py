@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from .events import Event, LSTMWatchFailure, Record
-from .probes import Clock, RNNProbe, probe_for
+from .events import Event, LSTMWatchFailure, LSTMWatchWarning, Record
+from .probes import Clock, Probe, probe_for
+from .sinks.console import user_stacklevel
 
 Schedule = Callable[[int], bool]
 ModuleFilter = Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -135,7 +136,7 @@ class Watcher:
                 warnings.warn("lstmwatch: this model was already watched; closing the previous watcher first",
                               LSTMWatchFailure, stacklevel=3)
                 prev.close()
-        self.probes: list[RNNProbe] = [probe_for(m)(name, m, self.clock) for name, m in found]
+        self.probes: list[Probe] = [probe_for(m)(name, m, self.clock) for name, m in found]
         for _, m in found:
             _OPEN[m] = weakref.ref(self)
         self.detectors = list(detectors) if detectors is not None else []
@@ -294,10 +295,12 @@ class Watcher:
             return None
         try:
             return getattr(obj, method)(*args)
+        except LSTMWatchWarning:
+            raise  # the user turned lstmwatch's warnings into errors: that is theirs to see
         except Exception as exc:  # noqa: BLE001 - a monitoring failure must never stop training
             self._failed.add(id(obj))
             warnings.warn(f"lstmwatch: {type(obj).__name__}.{method} failed and is switched off: "
-                          f"{type(exc).__name__}: {exc}", LSTMWatchFailure, stacklevel=2)
+                          f"{type(exc).__name__}: {exc}", LSTMWatchFailure, stacklevel=user_stacklevel())
             return None
 
 

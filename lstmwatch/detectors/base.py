@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from statistics import median
 
 from ..events import Event, Record, Severity
 
@@ -57,35 +56,43 @@ def pct(v: float) -> str:
 
 
 class LossTrend:
-    """The training loss seen through the records: its starting level, best and latest smoothed values."""
+    """The training loss seen through the records: its starting level, best and latest smoothed values.
 
-    def __init__(self, start_records: int = 4, sign: float = 1.0):
-        self.start_records, self.sign = start_records, sign
-        self.start: list[float] = []
-        self.level0: float | None = None  # median of the first records' mean losses
+    The starting level is the mean loss over the first `start_steps` steps (each record's mean loss
+    weighted by the steps it covers), so one lucky first batch does not set it. After a non-finite loss
+    the trend stops: what follows is the non-finite detector's.
+    """
+
+    def __init__(self, start_steps: int = 8, sign: float = 1.0):
+        self.start_steps, self.sign = start_steps, sign
+        self._sum = self._covered = 0.0
+        self.level0: float | None = None
         self.best: float | None = None
         self.latest: float | None = None
-        self.first_step: int | None = None
-        self.step = 0
+        self.step = self._prev_step = 0
+        self.broken = False
 
     def update(self, record: Record) -> None:
         """Take the record's mean loss since the previous record."""
         v = record.stats.get("loss_mean")
-        if not finite(v):
+        if v is None or self.broken:
+            return
+        if not math.isfinite(v):
+            self.broken = True
             return
         v *= self.sign
-        self.step = record.step
-        if self.first_step is None:
-            self.first_step = record.step
-        if len(self.start) < self.start_records:
-            self.start.append(v)
-            self.level0 = median(self.start)
+        span = max(record.step - self._prev_step, 1)
+        self._prev_step = self.step = record.step
+        if self._covered < self.start_steps:
+            self._sum += v * span
+            self._covered += span
+            self.level0 = self._sum / self._covered
         self.best = v if self.best is None else min(self.best, v)
         self.latest = v
 
     def improvement(self) -> float | None:
         """Relative improvement of the latest loss over the starting level (0.1 = 10% lower)."""
-        if self.level0 is None or self.latest is None:
+        if self.level0 is None or self.latest is None or self.broken:
             return None
         return (self.level0 - self.latest) / max(abs(self.level0), 1e-12)
 
@@ -103,11 +110,17 @@ class Latch:
         self.fired: dict[str, float] = {}  # key -> badness when last raised
         self.quiet: dict[str, int] = {}  # key -> consecutive checks without the fault
 
-    def check(self, key: str, active: bool, badness: float = 1.0) -> bool:
-        """Whether to raise now; `badness` grows as the fault worsens."""
+    def check(self, key: str, active: bool, badness: float = 1.0, present: bool | None = None) -> bool:
+        """Whether to raise now; `badness` grows as the fault worsens.
+
+        active: the fault is established (its patience is met); present: its raw condition holds this
+        record (defaults to active). A fault counts as cleared only after `clear_after` records without
+        its condition, so a streak that rebuilds after one healthy record does not raise it again.
+        """
+        present = active if present is None else present
         if not active:
             if key in self.fired:
-                self.quiet[key] = self.quiet.get(key, 0) + 1
+                self.quiet[key] = 0 if present else self.quiet.get(key, 0) + 1
                 if self.quiet[key] >= self.clear_after:
                     del self.fired[key]
             return False

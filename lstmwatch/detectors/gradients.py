@@ -82,10 +82,11 @@ class ExplodingGradient(Detector):
 class VanishingGradient(Detector):
     """The first layers, or the earliest timesteps while the loss stalls, get vanishingly little gradient.
 
-    threshold: first-layer over last-layer gradient norm below which a stack starves its first layers.
-    through_time: dL/dh at the first step over the last, below which the early steps get nothing; judged
-    only together with a loss that has not improved by `min_delta` after `patience` steps, because healthy
-    forecasters also have tiny ratios.
+    threshold: first-layer over last-layer gradient norm below which a stack starves its first layers,
+    for `patience` consecutive records. through_time: dL/dh at the first step over the last, below which
+    the early steps get nothing; judged only together with a loss that has not improved by `min_delta`
+    after `loss_patience` steps while the weights move by at least `min_update` of their norm per step
+    (a stall with tiny updates is the learning rate's), because healthy forecasters also have tiny ratios.
     """
 
     kind = "vanishing_gradient"
@@ -105,11 +106,13 @@ class VanishingGradient(Detector):
         stalled = self.trend.stalled(self.loss_patience, self.min_delta)
         for m in record.modules:
             norms = layer_norms(record, m)
-            what, bad = None, 0.0
+            what, bad, present = None, 0.0, False
             if len(norms) >= 2:
                 first, last = norms[min(norms)], norms[max(norms)]
                 ratio = first / last if last > 0 else None
-                n = self.streak.update(m + "/layers", ratio is not None and ratio < self.threshold, record.step)
+                starved = ratio is not None and ratio < self.threshold
+                present |= starved
+                n = self.streak.update(m + "/layers", starved, record.step)
                 if ratio is not None and n >= self.patience:
                     what = (f"layer 0 gets {fmt(ratio)} of the gradient of layer {max(norms)} "
                             f"({fmt(first)} against {fmt(last)}; threshold {self.threshold:g}) for "
@@ -121,13 +124,15 @@ class VanishingGradient(Detector):
                 self.updates[m] = u
             # A stall with tiny updates is the learning rate's fault, not the gradient's path through time.
             moving = self.updates.get(m, 0.0) >= self.min_update
-            if what is None and stalled and moving and finite(r) and r < self.through_time:
+            no_memory = stalled and moving and finite(r) and r < self.through_time
+            present |= no_memory
+            if what is None and self.streak.update(m + "/time", no_memory, record.step) >= 2:
                 imp = self.trend.improvement() or 0.0
                 what = (f"dL/dh at the first timestep is {fmt(r)} of that at the last (threshold "
                         f"{self.through_time:g}) while the loss improved only {100 * imp:.1f}% in {self.trend.step} "
                         "steps: the early timesteps get no gradient, so what they hold cannot be learned")
                 bad = 1 / max(r, 1e-30)
-            if self.latch.check(m, what is not None, bad) and what:
+            if self.latch.check(m, what is not None, bad, present) and what:
                 yield self.event(record, m, what + ".",
                                  "use fewer layers or residual connections between them, shorter sequences or "
                                  "truncated backpropagation through time, and a forget-gate bias of 1.0: "
@@ -135,7 +140,7 @@ class VanishingGradient(Detector):
 
 
 class NoGradient(Detector):
-    """An LSTM gets no gradient at all, or an exactly zero one."""
+    """An LSTM gets no gradient at all, or an exactly zero one, for `patience` consecutive records."""
 
     kind = "no_gradient"
 
@@ -150,7 +155,7 @@ class NoGradient(Detector):
             g, seen, trainable = s.get("grad_norm"), s.get("grads_seen"), s.get("trainable", 1.0)
             none = seen == 0 or g == 0
             n = self.streak.update(m, none, record.step)
-            if self.latch.check(m, n >= self.patience):
+            if self.latch.check(m, n >= self.patience, present=none):
                 if trainable == 0:
                     yield self.event(record, m, "every parameter of this LSTM has requires_grad=False: it is frozen "
                                      "and will not learn.", "if that is not intended: `lstm.requires_grad_(True)`.",
@@ -165,7 +170,7 @@ class NoGradient(Detector):
 
 
 class NotUpdated(Detector):
-    """An LSTM gets gradients but its weights do not change."""
+    """An LSTM gets gradients but its weights do not change, for `patience` consecutive records."""
 
     kind = "not_updated"
 
@@ -179,8 +184,9 @@ class NotUpdated(Detector):
             g, ratio = record.stats.get(f"{m}/grad_norm"), max_update_ratio(record, m)
             if ratio is None or not finite(g):
                 continue  # this record did not measure it (or the step was skipped by the GradScaler)
-            n = self.streak.update(m, g > 0 and ratio == 0, record.step)
-            if self.latch.check(m, n >= self.patience):
+            frozen = g > 0 and ratio == 0
+            n = self.streak.update(m, frozen, record.step)
+            if self.latch.check(m, n >= self.patience, present=frozen):
                 yield self.event(record, m, f"it gets gradients (norm {fmt(g)}) but its weights did not change "
                                  f"at all on {n} logging steps: the optimizer does not update it.",
                                  "build the optimizer from all parameters after the model is complete, "

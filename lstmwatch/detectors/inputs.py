@@ -12,7 +12,8 @@ class UnnormalizedInput(Detector):
     """Inputs far from zero mean and unit scale.
 
     max_mean: largest |per-feature mean| tolerated; max_std: largest per-feature std; min_std: below this
-    every feature is nearly constant.
+    every feature is nearly constant; patience: consecutive records (the data's scale does not change,
+    so one is enough).
     """
 
     kind = "unnormalized_input"
@@ -31,7 +32,7 @@ class UnnormalizedInput(Detector):
             big = mean > self.max_mean or std > self.max_std
             tiny = std < self.min_std and mean < self.min_std
             n = self.streak.update(m, big or tiny, record.step)
-            if not self.latch.check(m, n >= self.patience, max(mean, std, 1.0)):
+            if not self.latch.check(m, n >= self.patience, max(mean, std, 1.0), present=big or tiny):
                 continue
             if big:
                 msg = (f"the input features have means up to {fmt(mean)} and standard deviations up to {fmt(std)} "
@@ -67,7 +68,7 @@ class Padding(Detector):
             if not finite(v):
                 continue
             n = self.streak.update(m, v > self.threshold, record.step)
-            if self.latch.check(m, n >= self.patience):
+            if self.latch.check(m, n >= self.patience, present=v > self.threshold):
                 yield self.event(record, m, f"{pct(v)} of the timesteps in the batch are trailing all-zero steps "
                                  f"(threshold {pct(self.threshold)}) fed as a plain tensor: the LSTM runs on through "
                                  "the padding, so its final state and h_n describe zeros, not the sequence.",

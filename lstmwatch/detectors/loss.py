@@ -21,6 +21,7 @@ class StalledLoss(Detector):
     starting level. patience: steps before a stall can be called; min_delta: the relative improvement that
     counts. With updates below `tiny_update` of the weights per step (learning rate far too low) the stall
     is called after `tiny_patience` records, and below `low_update` after `low_patience` steps.
+    mode: "min" for a loss, "max" for a score that should rise.
     """
 
     kind = "stalled_loss"
@@ -49,7 +50,7 @@ class StalledLoss(Detector):
         stalled = (n_tiny >= self.tiny_patience
                    or (flat and typical is not None and typical < self.low_update and record.step >= self.low_patience)
                    or (flat and record.step >= self.patience))
-        if not self.latch.check("", stalled, 1.0):
+        if not self.latch.check("", stalled, 1.0, present=flat):
             return
         change = f"{'improved' if imp >= 0 else 'worsened'} {abs(100 * imp):.1f}%"
         msg = (f"after {record.step} steps the loss ({fmt(self.trend.latest * self.trend.sign)}) has {change} from "
@@ -76,7 +77,7 @@ class DivergingLoss(Detector):
     """The loss rises well above its best.
 
     The rise is measured in units of the run's own scale, max(start - best, |start| / 2): `threshold` of
-    them for `patience` consecutive records, or `spike` of them in one record.
+    them for `patience` consecutive records, or `spike` of them in one record. mode: "min" or "max".
     """
 
     kind = "diverging_loss"
@@ -84,7 +85,9 @@ class DivergingLoss(Detector):
     def __init__(self, threshold: float = 3.0, patience: int = 2, spike: float = 25.0, mode: str = "min"):
         super().__init__()
         self.threshold, self.patience, self.spike = threshold, patience, spike
-        self.trend = LossTrend(sign=_sign(mode))
+        # The starting level from the first two steps only: a run that diverges at once must not
+        # pull its own yardstick up.
+        self.trend = LossTrend(start_steps=2, sign=_sign(mode))
         self.streak = Streak()
 
     def _check(self, record: Record) -> Iterable[Event]:
@@ -100,7 +103,7 @@ class DivergingLoss(Detector):
         rise = (v * t.sign - best_before) / scale
         n = self.streak.update("run", rise > self.threshold, record.step)
         active = n >= self.patience or rise > self.spike
-        if self.latch.check("", active, max(rise, 1.0)):
+        if self.latch.check("", active, max(rise, 1.0), present=rise > self.threshold):
             yield self.event(record, "", f"the loss rose to {fmt(v)}, {rise:.1f}x the run's scale "
                              f"({fmt(scale)}) above its best of {fmt(best_before * t.sign)} (threshold "
                              f"{self.threshold:g}x for {self.patience} logging steps): training is diverging; "
@@ -114,7 +117,7 @@ class Overfitting(Detector):
 
     min_delta: relative change that counts as an improvement of the validation loss; threshold: how far
     (relative) the recent validation losses must sit above their best; the training loss must have fallen
-    by `train_delta` (relative) since the best evaluation.
+    by `train_delta` (relative) since the best evaluation. mode: "min" for losses, "max" for scores.
     """
 
     kind = "overfitting"

@@ -49,13 +49,14 @@ class _Saturation(Detector):
             self.first_step = record.step
         stalled = self.trend.stalled(self.loss_patience, self.min_delta)
         for m in record.modules:
-            worst = None
+            worst, present = None, False
             for key, label, frac in self._values(record, m):
+                present |= frac > self.threshold
                 n = self.streak.update(f"{m}/{key}", frac > self.threshold, record.step)
                 early = self.streak.since.get(f"{m}/{key}") == self.first_step
                 if n >= self.patience and (early or stalled) and (worst is None or frac > worst[2]):
                     worst = (key, label, frac, early)
-            if self.latch.check(m, worst is not None, 1.0) and worst:
+            if self.latch.check(m, worst is not None, 1.0, present) and worst:
                 yield self._event(record, m, *worst)
 
 

@@ -1,0 +1,105 @@
+"""The default detectors on small real training runs: each planted fault is found, healthy runs stay silent."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+
+import lstmwatch.scenarios as S
+
+# Steps each fault run needs: the first logging step after the fault shows (records at 1, 2, 4, 8, 16, 32, 50, ...),
+# with one more record of margin.
+FAULT_STEPS = {
+    "unnormalized_input": 4,
+    "lr_too_high": 8,
+    "lr_too_low": 8,
+    "padding": 4,
+    "deep_long": 4,  # the slowest run: 6 layers over 200 steps
+    "nan_input": 16,  # the NaN enters at step 15
+    "no_gradient": 4,
+    "not_updated": 4,
+    "exploding": 4,
+    "gate_saturation": 4,
+    "hidden_saturation": 4,
+    "overfitting": 60,  # validation every 5 steps; it must rise for 3 evaluations after its best
+}
+HEALTHY = [s.name for s in S.SCENARIOS if not s.expected]
+# tests/conftest.py runs torch on one thread: these models are tiny, and one thread beats contended ones.
+
+
+@cache
+def run(name: str, steps: int):
+    """One closed Watcher per (scenario, steps), shared by the tests that only read it."""
+    return S.run(S.BY_NAME[name], steps=steps, console=False)
+
+
+def test_every_fault_scenario_is_covered():
+    assert set(FAULT_STEPS) == {s.name for s in S.SCENARIOS if s.expected}
+
+
+@pytest.mark.parametrize("name", sorted(FAULT_STEPS))
+def test_fault_run_raises_its_kind(name):
+    sc = S.BY_NAME[name]
+    w = run(name, FAULT_STEPS[name])
+    found = {e.kind for e in w.events}
+    assert found & set(sc.expected), f"{name}: expected one of {sc.expected}, got {sorted(found)}"
+    first = next(e for e in w.events if e.kind in sc.expected)
+    assert first.severity in ("warning", "error") and first.message and first.hint
+    assert w.closed and not any(e.step > FAULT_STEPS[name] for e in w.events)
+
+
+@pytest.mark.parametrize(
+    "name, kind, module, words",
+    [
+        ("nan_input", "nonfinite", "lstm", "the input batch of lstm at step 15"),
+        ("lr_too_low", "stalled_loss", "", "the learning rate is too low"),
+        ("padding", "padding", "lstm", "trailing all-zero steps"),
+        ("deep_long", "vanishing_gradient", "lstm", "layer 0 gets"),
+        ("no_gradient", "no_gradient", "lstm", "no gradient reached its parameters"),
+        ("not_updated", "not_updated", "lstm", "did not change"),
+        ("unnormalized_input", "unnormalized_input", "lstm", "means up to"),
+        ("gate_saturation", "gate_saturation", "lstm", "input gate of layer l0"),
+        ("hidden_saturation", "hidden_saturation", "lstm", "of layer l0"),
+    ],
+)
+def test_fault_run_names_the_module_and_the_cause(name, kind, module, words):
+    w = run(name, FAULT_STEPS[name])
+    e = next(e for e in w.events if e.kind == kind)
+    assert e.module == module
+    assert words in e.message
+
+
+def test_nan_input_is_an_error_raised_once():
+    w = S.run(S.BY_NAME["nan_input"], steps=60, console=False)
+    nonfinite = [e for e in w.events if e.kind == "nonfinite"]
+    assert [(e.step, e.severity) for e in nonfinite] == [(16, "error")]
+
+
+def test_overfitting_waits_for_rising_validation_losses():
+    w = run("overfitting", FAULT_STEPS["overfitting"])
+    e = next(e for e in w.events if e.kind == "overfitting")
+    vals = [r.val_loss for r in w.records if r.val_loss is not None]
+    assert len(vals) == FAULT_STEPS["overfitting"] // 5
+    assert e.module == "" and "validation loss has not improved" in e.message
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_run_raises_no_warning(name):
+    w = run(name, 100)
+    loud = [(e.step, e.kind, e.message) for e in w.events if e.severity != "info"]
+    assert loud == []
+    assert len(w.records) >= 8
+    assert "no problem found" in w.summary()
+
+
+def test_a_persistent_fault_is_raised_once_in_a_longer_run():
+    # Padding is in every batch of this run: one warning, not one per logging step.
+    w = S.run(S.BY_NAME["padding"], steps=300, console=False)
+    assert [e.kind for e in w.events].count("padding") == 1
+    assert len(w.records) == 12
+
+
+def test_a_learning_rate_too_low_is_raised_once():
+    w = run("lr_too_low", 60)
+    assert [e.step for e in w.events if e.kind == "stalled_loss"] == [4]
