@@ -55,10 +55,16 @@ class SeqBatch(NamedTuple):
     unbatched: bool
 
 
-def as_batch(module: nn.RNNBase, input: Tensor | PackedSequence) -> SeqBatch:
-    """Bring a module's input to (B, T, F), batch first, in the caller's batch order."""
+def as_batch(module: nn.RNNBase, input: Tensor | PackedSequence, sorted_order: bool = False) -> SeqBatch:
+    """Bring a module's input to (B, T, F), batch first, in the caller's batch order.
+
+    sorted_order: leave a PackedSequence in its own (length-sorted) order, which needs no read of
+    `unsorted_indices` from the device.
+    """
     if isinstance(input, PackedSequence):
-        # pad_packed_sequence restores the caller's order (unsorted_indices).
+        if sorted_order:
+            input = PackedSequence(input.data, input.batch_sizes)
+        # pad_packed_sequence restores the caller's order (unsorted_indices) when it has them.
         x, lengths = pad_packed_sequence(input, batch_first=True)
         packed, unbatched = True, False
     else:
@@ -66,8 +72,9 @@ def as_batch(module: nn.RNNBase, input: Tensor | PackedSequence) -> SeqBatch:
         x = input.unsqueeze(0) if unbatched else (input if module.batch_first else input.transpose(0, 1))
         lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
         packed = False
-    t = torch.arange(x.shape[1])
-    mask = (t[None, :] < lengths[:, None]).to(x.device)
+    # Built on the device: a host-built mask would be a blocking copy in the middle of a CUDA forward.
+    t = torch.arange(x.shape[1], device=x.device)
+    mask = t[None, :] < lengths.to(x.device, non_blocking=True)[:, None]
     return SeqBatch(x, mask, lengths, packed, unbatched)
 
 

@@ -34,13 +34,14 @@ class Clock:
 
 @dataclass
 class Capture:
-    """What a logging step's forward kept: a sample of the batch and the weights it ran with."""
+    """What a logging step's forward kept: a sample of the batch, and where its gradients come from."""
 
     batch: SeqBatch  # sampled rows, (S, T, F)
-    index: Tensor  # (S,) rows of the full batch, on the module's device
+    index: Tensor  # (S,) sampled rows of the batch (length-sorted order if packed), on its device
     state: tuple[Tensor, ...] | None  # sampled initial state(s), (L * D, S, H)
     grads: dict[str, Tensor]  # 'out', 'h_n', 'c_n' -> sampled output gradients, filled in backward
-    packed_meta: tuple | None  # (batch_sizes, sorted_indices, unsorted_indices) of a packed output
+    batch_sizes: Tensor | None  # of a packed input: its output is padded in the same, length-sorted order
+    order: Tensor | None  # sorted_indices of a packed input: caller's rows in that order
     transposed: bool  # output is (T, B, ...)
     unbatched: bool
 
@@ -204,42 +205,50 @@ class RNNProbe(Probe):
             self._cap = self._capture(x, hx, output)
 
     def _capture(self, x, hx, output) -> Capture:
-        batch = as_batch(self.module, x)
+        # A packed batch stays in its length-sorted order: restoring the caller's would read
+        # unsorted_indices back from the device. Rows, states and gradients all follow that order.
+        batch = as_batch(self.module, x, sorted_order=True)
+        packed = isinstance(x, PackedSequence)
+        order = x.sorted_indices if packed else None
         b = batch.x.shape[0]
         s = min(self.clock.sample, b)
         # lstmwatch's own generator: the global RNG, and so training, is untouched.
         rows = torch.randperm(b, generator=self.clock.generator)[:s].sort().values
-        index = rows.to(batch.x.device)
+        index = rows.to(batch.x.device, non_blocking=True)
         sampled = SeqBatch(batch.x[index].detach(), batch.mask[index], batch.lengths[rows], batch.packed,
                            batch.unbatched)
-        state = None
+        cap = Capture(sampled, index, None, {}, x.batch_sizes if packed else None, order,
+                      not self.module.batch_first, batch.unbatched)
         if hx is not None:
             hx = hx if isinstance(hx, tuple) else (hx,)
-            state = tuple((h.unsqueeze(1) if batch.unbatched else h)[:, index].detach() for h in hx)
+            cap.state = tuple(self._rows_of_state(cap, h).detach() for h in hx)
         out, finals = self._split_output(output)
-        packed_meta = None
-        if isinstance(out, PackedSequence):
-            packed_meta = (out.batch_sizes, out.sorted_indices, out.unsorted_indices)
-            out = out.data
-        cap = Capture(sampled, index, state, {}, packed_meta, not self.module.batch_first, batch.unbatched)
-        for key, t in (("out", out), *finals):
+        for key, t in (("out", out.data if packed else out), *finals):
             if t.requires_grad:
                 t.register_hook(partial(self._on_out_grad, cap, key))
         return cap
 
+    @staticmethod
+    def _rows_of_state(cap: Capture, h: Tensor) -> Tensor:
+        """The sampled rows of a state-shaped tensor (L * D, B, H), in the batch's order: (L * D, S, H)."""
+        h = h.unsqueeze(1) if cap.unbatched else h
+        if cap.order is not None:
+            h = h.index_select(1, cap.order)
+        return h[:, cap.index]
+
     def _on_out_grad(self, cap: Capture, key: str, g: Tensor | None) -> None:
         if g is None:  # this output does not reach the loss (e.g. only h_n is used)
             return
-        if key == "out":
-            if cap.packed_meta is not None:
-                g = pad_packed_sequence(PackedSequence(g, *cap.packed_meta), batch_first=True)[0]
+        if key != "out":
+            g = self._rows_of_state(cap, g)  # (L * D, S, H)
+        else:
+            if cap.batch_sizes is not None:
+                g = pad_packed_sequence(PackedSequence(g, cap.batch_sizes), batch_first=True)[0]
             elif cap.unbatched:
                 g = g.unsqueeze(0)
             elif cap.transposed:
                 g = g.transpose(0, 1)
             g = g[cap.index]  # (S, T, D * H)
-        else:
-            g = (g.unsqueeze(1) if cap.unbatched else g)[:, cap.index]  # (L * D, S, H)
         g = g.detach()
         prev = cap.grads.get(key)
         cap.grads[key] = g if prev is None else prev + g
@@ -373,7 +382,7 @@ class CellProbe(Probe):
         if self._rows is None:
             self._batch = b = x.shape[0]
             rows = torch.randperm(b, generator=self.clock.generator)[:min(self.clock.sample, b)].sort().values
-            self._rows = rows.to(x.device)
+            self._rows = rows.to(x.device, non_blocking=True)
         if x.shape[0] != self._batch:  # the batch changed size between calls: stop capturing
             return
         hx = hx if isinstance(hx, tuple) or hx is None else (hx,)
