@@ -101,24 +101,35 @@ def rnn_params(module: nn.RNNBase, named: dict[str, Tensor] | None = None) -> li
 
 
 def _lstm_direction(p, x, mask, h, c, reverse):
-    """One direction of one layer; x (B, T, F). Returns the per-step tensors and the carried states."""
+    """One direction of one layer; x (B, T, F), mask None when no sequence ends early.
+
+    Returns the per-step tensors and the carried states. Few ops per step: the loop is what a
+    logging step spends its time on.
+    """
+    hsize = p["w_hh"].shape[1] if p["w_hr"] is None else p["w_hr"].shape[1]
     xw = x @ p["w_ih"].T  # (B, T, 4H), all timesteps at once as the fused kernel does
     if p["b_ih"] is not None:
-        xw = xw + p["b_ih"] + p["b_hh"]
+        xw = xw + (p["b_ih"] + p["b_hh"])
+    whh, whr = p["w_hh"].T, (p["w_hr"].T if p["w_hr"] is not None else None)
+    xs = xw.unbind(1)
     gi, gf, gg, go, cs, hs = ([None] * x.shape[1] for _ in range(6))
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
     for t in steps:
-        z = xw[:, t] + h @ p["w_hh"].T
-        i, f, g, o = z.chunk(4, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = f * c + i * g
+        z = torch.addmm(xs[t], h, whh)  # (B, 4H)
+        sg = torch.sigmoid(z)  # i, f and o from one call; g from its own tanh
+        i, f, o = sg[:, :hsize], sg[:, hsize:2 * hsize], sg[:, 3 * hsize:]
+        g = torch.tanh(z[:, 2 * hsize:3 * hsize])
+        c_new = torch.addcmul(f * c, i, g)
         h_new = o * torch.tanh(c_new)
-        if p["w_hr"] is not None:
-            h_new = h_new @ p["w_hr"].T
-        m = mask[:, t, None]
-        # A packed sequence that has ended keeps its state: what nn.LSTM returns in h_n.
-        c = torch.where(m, c_new, c)
-        h = torch.where(m, h_new, h)
+        if whr is not None:
+            h_new = h_new @ whr
+        if mask is None:
+            c, h = c_new, h_new
+        else:
+            # A packed sequence that has ended keeps its state: what nn.LSTM returns in h_n.
+            m = mask[:, t, None]
+            c = torch.where(m, c_new, c)
+            h = torch.where(m, h_new, h)
         gi[t], gf[t], gg[t], go[t], cs[t], hs[t] = i, f, g, o, c, h
     return gi, gf, gg, go, cs, hs, h, c
 
@@ -139,7 +150,9 @@ def lstm_forward(
     x, mask = batch.x, batch.mask
     b, d = x.shape[0], 2 if lstm.bidirectional else 1
     hsize, out = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
-    fm = mask[..., None].to(x.dtype)
+    # Only a PackedSequence has sequences shorter than T (known on the host, without reading the mask).
+    ragged = mask if batch.packed else None
+    fm = mask[..., None].to(x.dtype) if batch.packed else None
     traces, hn, cn, steps = [], [], [], []
     for k in range(lstm.num_layers):
         outs = []
@@ -147,8 +160,10 @@ def lstm_forward(
             idx = k * d + j
             h = h0[idx] if h0 is not None else x.new_zeros(b, out)
             c = c0[idx] if c0 is not None else x.new_zeros(b, hsize)
-            gi, gf, gg, go, cs, hs, h, c = _lstm_direction(params[idx], x, mask, h, c, reverse=j == 1)
-            st = [torch.stack(s, 1) * fm for s in (gi, gf, gg, go, cs, hs)]
+            gi, gf, gg, go, cs, hs, h, c = _lstm_direction(params[idx], x, ragged, h, c, reverse=j == 1)
+            st = [torch.stack(s, 1) for s in (gi, gf, gg, go, cs, hs)]
+            if fm is not None:
+                st = [s * fm for s in st]
             traces.append(GateTrace(*st, mask=mask, layer=k, direction=j))
             outs.append(st[5])
             hn.append(h)

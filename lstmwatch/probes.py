@@ -117,9 +117,15 @@ class Probe:
     def _on_grad(self, pname: str, p: Tensor) -> None:
         if p.grad is None:
             return
-        sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
         scaler = self.clock.scaler
-        if scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled():
+        scaled = scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled()
+        if not self.clock.logging:
+            # Outside logging steps only watch for NaN/Inf, with one reduction (the scaler's Infs are its own).
+            if not scaled:
+                self._mark("grad/" + pname, torch.isfinite(p.grad.detach().sum(dtype=torch.float32)))
+            return
+        sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
+        if scaled:
             # Hooks run before unscale_: divide by the scale this backward used. An Inf here is the
             # scaler's business (it skips the step and lowers the scale), not a fault.
             # NaN marks the statistic unknown for this step, so detectors pass over it.
@@ -143,7 +149,24 @@ class Probe:
         self._weights = None
 
     def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """Device statistics of this step, and the few values the host already knows."""
+        """Device statistics of this step, and the few values the host already knows.
+
+        A record forced between logging steps (a validation loss) has no gradient statistics: the
+        hooks only watched for NaN/Inf during its backward.
+        """
+        items: dict[str, Tensor] = {}
+        host: dict[str, float] = {}
+        if self.clock.logging:
+            items, host = self._grad_stats()
+        if self._weights is not None:
+            items.update(self._update_ratio(self._weights))
+            items.update(self._internals(step))
+        for site, first in self._first_bad.items():
+            items[f"{self.name}/nonfinite/{site}"] = first
+        return items, host
+
+    def _grad_stats(self) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Gradient norms per parameter, layer-direction and gate, from the block norms the hooks kept."""
         n, dev = self.name, next(iter(self.params.values())).device
         items: dict[str, Tensor] = {}
         trainable = sum(p.requires_grad for p in self.params.values())
@@ -160,18 +183,12 @@ class Probe:
             layer_sq[lab] = layer_sq.get(lab, zero) + sq.sum()
             if sq.numel() == len(self.gates):
                 gate_sq[lab] = gate_sq.get(lab, torch.zeros(len(self.gates), device=dev)) + sq
-        total = sum(layer_sq.values(), zero)
-        items[f"{n}/grad_norm"] = total.sqrt()
+        items[f"{n}/grad_norm"] = sum(layer_sq.values(), zero).sqrt()
         for lab in sorted(set(self.labels.values())):
             items[f"{n}/{lab}/grad_norm"] = layer_sq.get(lab, zero).sqrt()
             gq = gate_sq.get(lab)
             for k, gate in enumerate(self.gates):
                 items[f"{n}/{lab}/{gate}/grad_norm"] = gq[k].sqrt() if gq is not None else zero
-        if self._weights is not None:
-            items.update(self._update_ratio(self._weights))
-            items.update(self._internals(step))
-        for site, first in self._first_bad.items():
-            items[f"{n}/nonfinite/{site}"] = first
         return items, host
 
     def _update_ratio(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -200,7 +217,8 @@ class RNNProbe(Probe):
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         data = x.data if isinstance(x, PackedSequence) else x
         if data.is_floating_point():
-            self._mark("data", torch.isfinite(data).all())
+            # One reduction: a NaN or Inf anywhere makes the sum non-finite.
+            self._mark("data", torch.isfinite(data.sum(dtype=torch.float32)))
         if self.clock.logging and self._cap is None:
             self._cap = self._capture(x, hx, output)
 
@@ -374,7 +392,7 @@ class CellProbe(Probe):
         x = args[0] if args else kwargs["input"]
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         if x.is_floating_point():
-            self._mark("data", torch.isfinite(x).all())
+            self._mark("data", torch.isfinite(x.sum(dtype=torch.float32)))
         if not self.clock.logging or len(self._calls) >= self.max_calls:
             return
         unbatched = x.dim() == 1

@@ -259,7 +259,7 @@ class Watcher:
             i, h = p.collect(s)
             items.update(i)
             host.update(h)
-        norms = [items[f"{p.name}/grad_norm"] for p in self.probes]
+        norms = [items[k] for p in self.probes if (k := f"{p.name}/grad_norm") in items]
         if norms:
             dev = norms[0].device
             items["grad_norm"] = torch.stack([n.to(dev) for n in norms]).pow(2).sum().sqrt()

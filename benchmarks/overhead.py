@@ -1,0 +1,1006 @@
+"""What lstmwatch costs a training step, against plain PyTorch, wandb.watch and detect_anomaly.
+
+    python benchmarks/overhead.py --quick     # ~1 minute: every section, trimmed
+    python benchmarks/overhead.py             # reference, side by side, logging step vs batch, profile (~5 min)
+    python benchmarks/overhead.py --grid      # + how the cost grows with hidden size, length, layers, batch (+3 min)
+    python benchmarks/overhead.py --propose   # + the changes proposed for the library, prototyped here (+3 min)
+    python benchmarks/overhead.py --only reference --aa   # the reference, and plain against plain: the noise floor
+
+Reference workload: nn.LSTM(32, 256, num_layers=2, batch_first=True), a linear head on the last step,
+batch 64, 100 timesteps, Adam, 2 CPU threads. Every variant is a copy of one model with identical weights,
+trained in one process on the same batch, watcher.step(loss) after opt.step(). Variants run in blocks of
+--block steps, interleaved, the order reversed every round, so drifts of the machine fall on all alike.
+
+Columns: `ratio` is watched / plain time over the same rounds (the definition the targets use); `cpu` the same
+with process CPU time; `median round` the median of each round's watched / plain block (robust to bursts of
+load, blind to the rare logging step); `long run` = (median steady step + (logging step - steady step) / 50)
+/ median plain step, the ratio a long run converges to, from medians.
+The reference window starts at step --from-step (51) of the schedule, past the dense start (1, 2, 4, ..., 32):
+its 160 steps hold the logging steps 100, 150 and 200, the density of a long run (--quick: steps 81-120, one).
+`inside` columns time lstmwatch's own code (its hooks and Watcher.step) with a clock around each call: on a CPU
+nothing overlaps it, so 1 + inside / plain is the direct cost, steadier than any wall-clock ratio. The last line
+says how many cores other programs kept busy during the run (Linux): above 0.1, take the timings as provisional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import importlib
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import lstmwatch
+from lstmwatch import probes as lw_probes
+from lstmwatch import stats as lw_stats
+
+lw_watch = importlib.import_module("lstmwatch.watch")  # the module; lstmwatch.watch is the function
+
+LOG_EVERY = 50  # lstmwatch's default
+
+
+# --- workload
+
+
+class Net(nn.Module):
+    """An LSTM and a linear head on the last step."""
+
+    def __init__(self, inp: int, hidden: int, layers: int):
+        super().__init__()
+        self.lstm = nn.LSTM(inp, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])  # (B, 1)
+
+
+@dataclass
+class Config:
+    hidden: int = 256
+    seq: int = 100
+    layers: int = 2
+    batch: int = 64
+    inp: int = 32
+
+    def label(self) -> str:
+        return f"H={self.hidden} T={self.seq} L={self.layers} B={self.batch}"
+
+    def but(self, **kw) -> Config:
+        return Config(**{**self.__dict__, **kw})
+
+
+def make_data(cfg: Config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(cfg.batch, cfg.seq, cfg.inp, generator=g), torch.randn(cfg.batch, 1, generator=g)
+
+
+class Variant:
+    """A model copy, its optimizer and what runs around its step; step() returns (wall s, cpu s)."""
+
+    def __init__(self, name: str, base: nn.Module, data, attach=None, wrap=None, after=None):
+        self.name = name
+        self.model = copy.deepcopy(base)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.x, self.y = data
+        self.watcher = attach(self.model) if attach else None
+        self.wrap = wrap  # a context manager factory around forward and backward
+        self.after = after  # called with the loss after opt.step() (another tool's per-step call)
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.logging: list[bool] = []  # whether each step was an lstmwatch logging step
+        self.inside = Inside(self.watcher) if self.watcher is not None else None
+        self.inside_steps: list[float] = []
+
+    def step(self, record: bool = True) -> tuple[float, float]:
+        w = self.watcher
+        logging = bool(w is not None and w.clock.logging)
+        before = self.inside.total if self.inside else 0.0
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.opt.zero_grad(set_to_none=True)
+        with self.wrap() if self.wrap else contextlib.nullcontext():
+            loss = nn.functional.mse_loss(self.model(self.x), self.y)
+            loss.backward()
+        self.opt.step()
+        if w is not None:
+            w.step(loss)
+        if self.after is not None:
+            self.after(loss)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if record:
+            self.wall.append(wall)
+            self.cpu.append(cpu)
+            self.logging.append(logging)
+            if self.inside:
+                self.inside_steps.append(self.inside.total - before)
+        return wall, cpu
+
+    def skip_to(self, step: int) -> None:
+        """Move the watcher's schedule to `step`, as if the steps before had run."""
+        self.watcher.clock.step = step
+        self.watcher.clock.logging = bool(self.watcher._schedule(step))
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+
+
+def lstmwatch_attach(from_step: int = 1, **kw):
+    """Attach lstmwatch (console off) with its schedule at `from_step`."""
+
+    def attach(model):
+        w = lstmwatch.watch(model, console=False, **kw)
+        w.clock.step = from_step
+        w.clock.logging = bool(w._schedule(from_step))
+        return w
+
+    return attach
+
+
+class Inside:
+    """Wall time spent in one watcher's own code: its module and gradient hooks, tensor hooks, Watcher.step.
+
+    Wraps what that watcher registered (instance attributes and hook tables), so watchers built differently
+    can be timed side by side in one process.
+    """
+
+    def __init__(self, w):
+        self.total = 0.0
+        w.step = self._timed(w.step)
+        for p in w.probes:
+            for attr in ("_on_out_grad", "_on_h_grad"):  # bound when a logging step registers tensor hooks
+                if hasattr(p, attr):
+                    setattr(p, attr, self._timed(getattr(p, attr)))
+            tables = [p.module._forward_hooks] + [q._post_accumulate_grad_hooks for q in p.module.parameters()
+                                                 if q._post_accumulate_grad_hooks]
+            for hooks in tables:
+                for key, h in list(hooks.items()):
+                    hooks[key] = self._timed(h)
+
+    def _timed(self, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total += time.perf_counter() - t0
+        return timed
+
+
+def interleave(variants: list[Variant], rounds: int, block: int) -> list[list[tuple[float, float]]]:
+    """`rounds` rounds of `block` steps per variant, the order reversed every round; per-round (wall, cpu)."""
+    out = [[] for _ in variants]
+    for r in range(rounds):
+        order = list(range(len(variants)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            w = c = 0.0
+            for _ in range(block):
+                dw, dc = variants[i].step()
+                w, c = w + dw, c + dc
+            out[i].append((w, c))
+    return out
+
+
+@dataclass
+class Compare:
+    name: str
+    plain_ms: float
+    watched_ms: float
+    ratio: float  # sum / sum, wall
+    cpu: float  # sum / sum, process CPU time
+    median_round: float
+    worst_round: float
+    logging_steps: int
+    steady_ratio: float  # median non-logging step / median plain step
+    log_extra_ms: float  # median logging step - median plain step
+    long_run: float
+    inside_steady_ms: float = math.nan
+    inside_log_ms: float = math.nan
+
+
+def compare(plain: Variant, watched: Variant, rp, rw) -> Compare:
+    """watched against plain from their interleaved rounds and per-step times."""
+    pw, ww = sum(w for w, _ in rp), sum(w for w, _ in rw)
+    pc, wc = sum(c for _, c in rp), sum(c for _, c in rw)
+    per = [w / p for (w, _), (p, _) in zip(rw, rp)]
+    n = len(watched.wall)
+    p_med = statistics.median(plain.wall)
+    steady = [w for w, lg in zip(watched.wall, watched.logging) if not lg]
+    logs = [w for w, lg in zip(watched.wall, watched.logging) if lg]
+    s_med = statistics.median(steady) if steady else p_med
+    l_med = statistics.median(logs) if logs else math.nan
+    if not steady:  # every step logs
+        long_run = l_med / p_med
+    else:
+        long_run = (s_med + ((l_med - s_med) / LOG_EVERY if logs else 0.0)) / p_med
+    c = Compare(watched.name, 1e3 * pw / n, 1e3 * ww / n, ww / pw, wc / max(pc, 1e-12), statistics.median(per),
+                max(per), sum(watched.logging), s_med / p_med, 1e3 * (l_med - p_med), long_run)
+    if watched.inside_steps:
+        ins = list(zip(watched.inside_steps, watched.logging))
+        st = [t for t, lg in ins if not lg]
+        lg = [t for t, lg in ins if lg]
+        c.inside_steady_ms = 1e3 * statistics.median(st) if st else math.nan
+        c.inside_log_ms = 1e3 * statistics.median(lg) if lg else math.nan
+    return c
+
+
+# --- measurements
+
+
+def reference(cfg: Config, steps: int, block: int, from_step: int, attach=None, aa: bool = False) -> Compare:
+    """Plain against lstmwatch with default settings (or `attach`; aa: against a second plain copy), interleaved."""
+    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+    data = make_data(cfg)
+    plain = Variant("plain", base, data)
+    watched = Variant("plain copy" if aa else "lstmwatch", base, data,
+                      attach=None if aa else attach or lstmwatch_attach())
+    for v in (plain, watched):  # warm-up, outside the window
+        v.step(record=False)
+    if not aa:
+        watched.skip_to(from_step)
+    rounds = max(1, steps // block)
+    rp, rw = interleave([plain, watched], rounds, block)
+    watched.close()
+    return compare(plain, watched, rp, rw)
+
+
+def side_by_side(cfg: Config, steps: int, block: int, tmp: str, propose: bool = False) -> list[Compare]:
+    """lstmwatch (default, every step), wandb.watch(log='all') every step and every 50, detect_anomaly."""
+    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+    data = make_data(cfg)
+    vs = [Variant("plain", base, data),
+          Variant("lstmwatch default (log_every=50)", base, data, attach=lstmwatch_attach()),
+          Variant("lstmwatch every step (log_every=1)", base, data, attach=lstmwatch_attach(log_every=1))]
+    if propose:
+        vs += [Variant("lstmwatch every step, proposals A+D", base, data,
+                       attach=proposed_attach("AD", log_every=1)),
+               Variant("lstmwatch every step, proposals A+D, sample=4", base, data,
+                       attach=proposed_attach("AD", log_every=1, sample=4)),
+               Variant("lstmwatch every step, proposals A+D+E (internals every 50)", base, data,
+                       attach=proposed_attach("ADE", log_every=1))]
+    run = None
+    try:
+        import wandb
+    except ImportError:
+        wandb = None
+        print("(wandb is not installed: its rows are left out)\n")
+    if wandb is not None:
+        os.environ["WANDB_MODE"] = "offline"  # never the network
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(mode="offline", dir=tmp, project="lstmwatch-overhead",
+                         settings=wandb.Settings(silent=True, console="off"))
+
+        def commit(loss):
+            run.log({"loss": loss.item()})  # commits the row the hooks filled, as a wandb training loop does
+
+        for freq in (1, LOG_EVERY):
+            v = Variant(f"wandb.watch(log='all', log_freq={freq})", base, data, after=commit)
+            run.watch(v.model, log="all", log_freq=freq)
+            vs.append(v)
+    vs.append(Variant("torch.autograd.detect_anomaly()", base, data,
+                      wrap=lambda: torch.autograd.detect_anomaly(check_nan=True)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # detect_anomaly warns on every entry
+            for v in vs:
+                v.step(record=False)
+            for v in vs[1:]:
+                if v.watcher is not None:  # past the dense start; the every-step variants log every step anyway
+                    v.skip_to(LOG_EVERY + 1)
+            res = interleave(vs, max(1, steps // block), block)
+    finally:
+        if run is not None:
+            run.finish()
+        for v in vs:
+            v.close()
+    return [compare(vs[0], v, res[0], r) for v, r in zip(vs[1:], res[1:])]
+
+
+def point(cfg: Config, pairs: int, sample: int = 8) -> dict:
+    """Plain, a steady (non-logging) watched step and a logging step, interleaved step by step; medians."""
+    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+    data = make_data(cfg)
+    plain = Variant("plain", base, data)
+    steady = Variant("steady", base, data, attach=lstmwatch_attach(sample=sample))
+    logged = Variant("logging", base, data, attach=lstmwatch_attach(log_every=1, sample=sample))
+    for v in (plain, steady, logged):
+        v.step(record=False)
+    steady.skip_to(LOG_EVERY + 1)
+    for k in range(pairs):
+        for v in ([plain, steady, logged] if k % 2 == 0 else [logged, steady, plain]):
+            v.step()
+    for v in (steady, logged):
+        v.close()
+    p, s, lg = (statistics.median(v.wall) for v in (plain, steady, logged))
+    ins_s, ins_l = statistics.median(steady.inside_steps), statistics.median(logged.inside_steps)
+    watched = s + (lg - s) / LOG_EVERY
+    return {"config": cfg.label(), "batch": cfg.batch, "plain_ms": 1e3 * p, "watched_ms": 1e3 * watched,
+            "ratio": watched / p, "steady_ratio": s / p, "log_extra_ms": 1e3 * (lg - p),
+            "log_extra_steps": (lg - p) / p,
+            "inside_steady_ms": 1e3 * ins_s, "inside_log_ms": 1e3 * ins_l,
+            "inside_ratio": 1 + (ins_s + (ins_l - ins_s) / LOG_EVERY) / p}
+
+
+GRID = {
+    "hidden": [64, 128, 256, 512, 1024],
+    "seq": [10, 30, 100, 300, 1000],
+    "layers": [1, 2, 3, 4],
+    "batch": [8, 32, 64, 128, 256, 512],
+}
+GRID_QUICK = {"hidden": [64, 1024], "seq": [10, 1000], "layers": [1, 4], "batch": [8, 512]}
+
+
+# --- where the time goes inside lstmwatch
+
+
+class HookProfile:
+    """Timers around lstmwatch's functions (class-wide; install before watch()): inclusive ms, by step kind."""
+
+    # Probe methods are wrapped in every lstmwatch.probes class that defines them.
+    PROBE_METHODS = ["_hook", "_on_forward", "_capture", "_on_out_grad", "_on_h_grad", "_on_grad", "_mark",
+                     "end_step", "collect", "_update_ratio", "_internals", "_forward", "_through_time", "_trace_stats"]
+    OTHERS = [("Watcher", "step"), ("Watcher", "_add_loss"), ("Watcher", "_log"), ("Watcher", "_call"),
+              ("stats", "data_stats"), ("stats", "to_host")]
+
+    def __init__(self):
+        self.acc: dict[tuple[str, bool], list[float]] = defaultdict(lambda: [0.0, 0])
+        self.saved: list = []
+        self.order: list[str] = []
+        self.clock = None  # the watcher's clock, set after watch()
+
+    def install(self) -> HookProfile:
+        classes = [c for c in vars(lw_probes).values() if isinstance(c, type) and c.__module__ == lw_probes.__name__]
+        targets = [(c, a) for a in self.PROBE_METHODS for c in classes if a in c.__dict__]
+        targets += [(lw_watch.Watcher if o == "Watcher" else lw_stats, a) for o, a in self.OTHERS]
+        for owner, attr in targets:
+            orig = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+            if not callable(orig):
+                continue
+            key = f"{owner.__name__.split('.')[-1]}.{attr}"
+            self.saved.append((owner, attr, orig))
+            self.order.append(key)
+            setattr(owner, attr, self._wrap(orig, key))
+        return self
+
+    def _wrap(self, fn, key):
+        acc, prof = self.acc, self
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            logging = bool(prof.clock.logging) if prof.clock is not None else False
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                e = acc[(key, logging)]
+                e[0] += time.perf_counter() - t0
+                e[1] += 1
+
+        return timed
+
+    def remove(self) -> None:
+        for owner, attr, orig in reversed(self.saved):
+            setattr(owner, attr, orig)
+        self.saved = []
+
+
+def hook_profile(cfg: Config, steady_steps: int, log_steps: int) -> tuple[list[dict], float]:
+    """Inclusive ms per step in each lstmwatch function, on non-logging and on logging steps."""
+    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+    data = make_data(cfg)
+    prof = HookProfile().install()
+    try:
+        v = Variant("lstmwatch", base, data, attach=lstmwatch_attach())
+        prof.clock = v.watcher.clock
+        p = Variant("plain", base, data)
+        p.step(record=False)
+        v.step(record=False)
+        v.skip_to(LOG_EVERY + 1)
+        prof.acc.clear()
+        for k in range(steady_steps + log_steps):
+            v.watcher.clock.logging = k >= steady_steps
+            v.step()
+            p.step()
+        v.close()
+    finally:
+        prof.remove()
+    rows = []
+    for k in prof.order:
+        (t0, c0), (t1, c1) = prof.acc.get((k, False), (0.0, 0)), prof.acc.get((k, True), (0.0, 0))
+        if c0 or c1:
+            rows.append({"fn": k, "steady": 1e3 * t0 / steady_steps, "steady_calls": c0 / steady_steps,
+                         "log": 1e3 * t1 / log_steps, "log_calls": c1 / log_steps})
+    return rows, 1e3 * statistics.median(p.wall)
+
+
+# --- proposed library changes, prototyped on one watcher instance (this process only)
+#
+# A: the steady step. A1: the forward hook checks the input's finiteness with one reduction,
+#    isfinite(x.sum(dtype=float32)), instead of isfinite(x).all() (an elementwise pass, a bool tensor and a
+#    slow all()); a sum of finite values overflows only for absurd data, which must be flagged anyway.
+#    A2: outside logging steps the gradient hooks only keep a reference to each gradient; at the end of
+#    backward (Variable._execution_engine.queue_callback, as DDP does) one torch._foreach_norm over the
+#    probe's gradients, one isfinite and one where update a (P,) vector of first non-finite steps.
+#    Logging steps keep today's per-parameter block norms.
+# B: the logging step. The recurrence in gates.lstm_forward/_lstm_direction with fewer ops per timestep:
+#    W_hh^T and the summed biases once per direction, z = addmm(xw_t, h, W_hh^T), one sigmoid over all four
+#    gates and tanh on the cell block, c = addcmul(f * c, i, g), and no mask/where/`* fm` unless the input is a
+#    PackedSequence (the only input with sequences shorter than T; SeqBatch.packed says so without a sync).
+
+_A1_OLD = "torch.isfinite(data).all()"
+_A1_NEW = "torch.isfinite(data.sum(dtype=torch.float32))"
+
+
+def _a1_on_forward():
+    """RNNProbe._on_forward with A1 applied to its source, or None if the line is not there any more."""
+    import inspect
+    import textwrap
+
+    fn = lw_probes.RNNProbe.__dict__.get("_on_forward")
+    if fn is None:
+        return None
+    src = textwrap.dedent(inspect.getsource(fn))
+    if _A1_OLD not in src:
+        return None
+    ns: dict = {}
+    exec(compile(src.replace(_A1_OLD, _A1_NEW), lw_probes.__file__, "exec"), vars(lw_probes).copy(), ns)
+    return ns["_on_forward"]
+
+
+def _a2_on_grad(orig):
+    def _on_grad(self, pname, p):
+        if p.grad is None:
+            return None
+        if self.clock.logging or self.clock.scaler is not None:
+            return orig(self, pname, p)
+        pend = self.__dict__.get("_pend")
+        if not pend:
+            pend = self._pend = {}
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_a2_flush, self))
+        pend[pname] = p.grad
+        return None
+
+    return _on_grad
+
+
+def _a2_flush(self) -> None:
+    """End of backward: the probe's gradients in one fused norm; a (P,) vector of first non-finite steps."""
+    pend = self.__dict__.get("_pend") or {}
+    self._pend = {}
+    if not pend:
+        return
+    names = list(self.params)
+    grads = [pend[n].detach() if n in pend else None for n in names]
+    have = [g for g in grads if g is not None]
+    norms = torch.stack(torch._foreach_norm(have))  # (P,)
+    vec = self.__dict__.get("_bad_vec")
+    if vec is None or vec.numel() != len(have):
+        vec = torch.full((len(have),), math.inf, device=norms.device)
+    self._bad_vec = torch.where(torch.isfinite(norms), vec, vec.clamp(max=self.clock.step))
+    self._bad_names = [n for n, g in zip(names, grads) if g is not None]
+
+
+def _a2_collect(orig):
+    def collect(self, step):
+        items, host = orig(step)
+        vec = self.__dict__.get("_bad_vec")
+        if vec is not None:
+            for k, pname in enumerate(self._bad_names):
+                key = f"{self.name}/nonfinite/grad/{pname}"
+                items[key] = torch.minimum(items[key], vec[k]) if key in items else vec[k]
+        return items, host
+
+    return collect
+
+
+def _lstm_direction_lean(p, x, mask, h, c, reverse):
+    """gates._lstm_direction with fewer ops per step (proposal B); mask None: no sequence ends early."""
+    hs_ = p["w_ih"].shape[0] // 4
+    xw = x @ p["w_ih"].T  # (B, T, 4H)
+    if p["b_ih"] is not None:
+        xw = xw + (p["b_ih"] + p["b_hh"])
+    whh = p["w_hh"].T
+    whr = p["w_hr"].T if p["w_hr"] is not None else None
+    xs = xw.unbind(1)
+    n = x.shape[1]
+    gi, gf, gg, go, cs, hs = ([None] * n for _ in range(6))
+    for t in (range(n - 1, -1, -1) if reverse else range(n)):
+        z = torch.addmm(xs[t], h, whh)
+        sg = torch.sigmoid(z)
+        i, f, _, o = sg.chunk(4, dim=1)
+        g = torch.tanh(z[:, 2 * hs_:3 * hs_])
+        c_new = torch.addcmul(f * c, i, g)
+        h_new = o * torch.tanh(c_new)
+        if whr is not None:
+            h_new = h_new @ whr
+        if mask is None:
+            c, h = c_new, h_new
+        else:
+            m = mask[:, t, None]
+            c = torch.where(m, c_new, c)
+            h = torch.where(m, h_new, h)
+        gi[t], gf[t], gg[t], go[t], cs[t], hs[t] = i, f, g, o, c, h
+    return gi, gf, gg, go, cs, hs, h, c
+
+
+def lstm_forward_lean(params, lstm, batch, h0=None, c0=None, keep_steps=False):
+    """gates.lstm_forward with proposal B: no masking work when the sample has no short sequence."""
+    from lstmwatch.gates import GateTrace
+
+    x, mask = batch.x, batch.mask
+    b, d = x.shape[0], 2 if lstm.bidirectional else 1
+    hsize, out = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
+    ragged = batch.packed  # only a PackedSequence has sequences shorter than T; known without a sync
+    fm = mask[..., None].to(x.dtype) if ragged else None
+    traces, hn, cn, steps = [], [], [], []
+    for k in range(lstm.num_layers):
+        outs = []
+        for j in range(d):
+            idx = k * d + j
+            h = h0[idx] if h0 is not None else x.new_zeros(b, out)
+            c = c0[idx] if c0 is not None else x.new_zeros(b, hsize)
+            gi, gf, gg, go, cs, hs, h, c = _lstm_direction_lean(params[idx], x, mask if ragged else None, h, c,
+                                                                reverse=j == 1)
+            st = [torch.stack(s, 1) for s in (gi, gf, gg, go, cs, hs)]
+            if ragged:
+                st = [s * fm for s in st]
+            traces.append(GateTrace(*st, mask=mask, layer=k, direction=j))
+            outs.append(st[5])
+            hn.append(h)
+            cn.append(c)
+            if keep_steps:
+                steps.append(hs)
+        x = torch.cat(outs, dim=2) if d == 2 else outs[0]
+    return traces, torch.stack(hn), torch.stack(cn), steps
+
+
+def _b_forward(self, params, batch, state, keep_steps):
+    h0, c0 = state if state is not None else (None, None)
+    traces, hn, cn, steps = lstm_forward_lean(params, self.module, batch, h0, c0, keep_steps)
+    return traces, {"h_n": hn, "c_n": cn}, steps
+
+
+# C: the logging step without autograd. The recomputation runs under no_grad (proposal B's loop) and the
+#    gradient through time comes from the LSTM's backward recurrence written out, from the stacked gates:
+#    dh_t = g_t + dz_{t+1} W_hh;  dm_t = dh_t W_hr (proj);  dc_t = dm_t o_t (1 - tanh^2 c_t) + dc_{t+1} f_{t+1};
+#    dz_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dm tanh(c) o(1-o)];  the layer below gets dz W_ih.
+#    Prototyped for unidirectional LSTMs without ragged sequences (the reference); other shapes fall back.
+
+
+def _c_forward(self, params, batch, state, keep_steps):
+    with torch.no_grad():
+        return _b_forward(self, params, batch, state, keep_steps)
+
+
+def _c_through_time(orig):
+    def through_time(self, cap, traces, finals, steps):
+        m = self.module
+        if m.bidirectional or cap.batch.packed:
+            return orig(cap, traces, finals, steps)
+        with torch.no_grad():
+            return lstm_bptt(rnn_params_of(self), traces, cap.grads, cap.state)
+    return through_time
+
+
+def rnn_params_of(probe):
+    from lstmwatch.gates import rnn_params
+
+    return rnn_params(probe.module, probe._weights)
+
+
+def lstm_bptt(params, traces, grads, state):
+    """dL/dh_t of every layer (unidirectional, no ragged sequences) by the backward recurrence; lists of (S, P)."""
+    L = len(traces)
+    S, T, H = traces[0].c.shape
+    g_out, g_hn, g_cn = grads.get("out"), grads.get("h_n"), grads.get("c_n")
+    top = traces[-1].h
+    ext = g_out.to(top.dtype) if g_out is not None else torch.zeros_like(top)  # (S, T, P) on the top layer
+    out: list = [None] * L
+    for k in reversed(range(L)):
+        tr, p = traces[k], params[k]
+        tc = torch.tanh(tr.c)
+        c0 = state[1][k] if state is not None else tr.c.new_zeros(S, H)
+        c_prev = torch.cat([c0[:, None], tr.c[:, :-1]], 1)
+        b = torch.cat([tr.g * tr.i * (1 - tr.i), c_prev * tr.f * (1 - tr.f), tr.i * (1 - tr.g * tr.g),
+                       tc * tr.o * (1 - tr.o)], 2).unbind(1)  # T x (S, 4H)
+        a = (tr.o * (1 - tc * tc)).unbind(1)
+        f = tr.f.unbind(1)
+        e = ext.unbind(1)
+        whh, whr = p["w_hh"], p["w_hr"]
+        dhs, dzs = [None] * T, [None] * T
+        dz = dc = None
+        for t in range(T - 1, -1, -1):
+            dh = e[t]
+            if t == T - 1 and g_hn is not None:
+                dh = dh + g_hn[k]
+            if dz is not None:
+                dh = torch.addmm(dh, dz, whh)
+            dhs[t] = dh
+            dm = dh @ whr if whr is not None else dh
+            dc_new = dm * a[t]
+            if dc is not None:
+                dc_new = torch.addcmul(dc_new, dc, f[t + 1])
+            elif g_cn is not None:
+                dc_new = dc_new + g_cn[k]
+            dc = dc_new
+            dz = torch.cat([dc, dc, dc, dm], 1) * b[t]
+            dzs[t] = dz
+        out[k] = dhs
+        if k > 0:
+            ext = torch.stack(dzs, 1) @ p["w_ih"]  # (S, T, P) into the layer below
+    return out
+
+
+# D: C with the recomputed forward taken from the fused kernel, one layer at a time: torch._VF.lstm on the
+#    sample gives h_t of the layer; then z = x W_ih^T + h_{t-1} W_hh^T + b for all t in two matmuls, the gates
+#    in three calls, and c_t = f_t c_{t-1} + i_t g_t in one addcmul per step. The Python loop over time keeps one
+#    call per step forward and ~6 backward, none recorded by autograd. Unidirectional, no ragged sample here.
+
+
+def lstm_forward_fused(params, lstm, batch, h0=None, c0=None, keep_steps=False):
+    """gates.lstm_forward through the fused kernel, layer by layer (proposal D); same traces, no autograd."""
+    from lstmwatch.gates import GateTrace
+
+    x, mask = batch.x, batch.mask
+    s = x.shape[0]
+    hsize, out = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
+    traces, hn, cn, steps = [], [], [], []
+    for k in range(lstm.num_layers):
+        p = params[k]
+        h_0 = h0[k] if h0 is not None else x.new_zeros(s, out)
+        c_0 = c0[k] if c0 is not None else x.new_zeros(s, hsize)
+        flat = [p["w_ih"], p["w_hh"]] + ([p["b_ih"], p["b_hh"]] if p["b_ih"] is not None else [])
+        flat += [p["w_hr"]] if p["w_hr"] is not None else []
+        h, _, c_n = torch._VF.lstm(x, (h_0[None], c_0[None]), flat, p["b_ih"] is not None, 1, 0.0, False, False,
+                                   True)  # h (S, T, P)
+        h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)
+        z = torch.matmul(x, p["w_ih"].T) + torch.matmul(h_prev, p["w_hh"].T)  # (S, T, 4H)
+        if p["b_ih"] is not None:
+            z = z + (p["b_ih"] + p["b_hh"])
+        sg = torch.sigmoid(z)
+        i, f, o = sg[..., :hsize], sg[..., hsize:2 * hsize], sg[..., 3 * hsize:]
+        g = torch.tanh(z[..., 2 * hsize:3 * hsize])
+        ig, fs = (i * g).unbind(1), f.unbind(1)
+        cs, cc = [], c_0
+        for t in range(x.shape[1]):
+            cc = torch.addcmul(ig[t], fs[t], cc)
+            cs.append(cc)
+        traces.append(GateTrace(i, f, g, o, torch.stack(cs, 1), h, mask=mask, layer=k, direction=0))
+        hn.append(h[:, -1])
+        cn.append(c_n[0])
+        if keep_steps:
+            steps.append(list(h.unbind(1)))
+        x = h
+    return traces, torch.stack(hn), torch.stack(cn), steps
+
+
+def _d_forward(self, params, batch, state, keep_steps):
+    if self.module.bidirectional or batch.packed:
+        return _c_forward(self, params, batch, state, keep_steps)
+    h0, c0 = state if state is not None else (None, None)
+    with torch.no_grad():
+        traces, hn, cn, steps = lstm_forward_fused(params, self.module, batch, h0, c0, keep_steps)
+    return traces, {"h_n": hn, "c_n": cn}, steps
+
+
+# E: a schedule of its own for the internals. log_every keeps its meaning for the cheap statistics (loss,
+#    gradient norms, update ratios, input statistics, NaN sites), while the gate recomputation and the gradient
+#    through time follow the default schedule (steps 1, 2, 4, ..., 32, then every 50), e.g. a new argument
+#    watch(..., internals_every=50). Prototyped by skipping _internals off that schedule.
+
+
+def _e_internals(orig):
+    every = lw_watch.schedule(LOG_EVERY)
+
+    def internals(step):
+        return orig(step) if every(step) else {}
+
+    return internals
+
+
+def proposed_attach(which: str, from_step: int = 1, **kw):
+    """lstmwatch.watch with proposals `which` (letters of A to E) applied to this watcher only."""
+    def attach(model):
+        saved = lw_probes.Probe.__dict__.get("_on_grad") if hasattr(lw_probes, "Probe") else None
+        owner = lw_probes.Probe if saved is not None else lw_probes.RNNProbe
+        orig = owner.__dict__["_on_grad"]
+        if "A" in which:  # the grad hooks are bound when the probe is built
+            owner._on_grad = _a2_on_grad(orig)
+        try:
+            w = lstmwatch_attach(from_step=from_step, **kw)(model)
+        finally:
+            owner._on_grad = orig
+        a1 = _a1_on_forward() if "A" in which else None
+        for p in w.probes:
+            if "A" in which:
+                p.collect = types.MethodType(_a2_collect(p.collect), p)
+                if a1 is not None and isinstance(p, lw_probes.RNNProbe):
+                    p._on_forward = types.MethodType(a1, p)
+            if "B" in which and isinstance(p, lw_probes.LSTMProbe):
+                p._forward = types.MethodType(_b_forward, p)
+            if "E" in which:
+                p._internals = _e_internals(p._internals)
+            if ("C" in which or "D" in which) and isinstance(p, lw_probes.LSTMProbe):
+                p._forward = types.MethodType(_d_forward if "D" in which else _c_forward, p)
+                p._through_time = types.MethodType(_c_through_time(p._through_time), p)
+        return w
+
+    return attach
+
+
+def check_proposals(cfg: Config, which: str = "AD") -> dict:
+    """The proposals give the statistics of today's code, to float rounding: a few logging steps compared."""
+    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+    data = make_data(cfg.but(seq=min(cfg.seq, 30), batch=16))
+    now = Variant("now", base, data, attach=lstmwatch_attach(log_every=1))
+    new = Variant("new", base, data, attach=proposed_attach(which, log_every=1))
+    worst, differ = 0.0, 0
+    for _ in range(3):
+        now.step(record=False)
+        new.step(record=False)
+        a, b = now.watcher.latest, new.watcher.latest
+        differ += len(set(a.stats) ^ set(b.stats)) + len(set(a.curves) ^ set(b.curves))
+        pairs = [(a.stats[k], b.stats[k]) for k in set(a.stats) & set(b.stats)]
+        pairs += [xy for k in set(a.curves) & set(b.curves) for xy in zip(a.curves[k], b.curves[k])]
+        for x, y in pairs:
+            if isinstance(x, float) and math.isfinite(x):
+                worst = max(worst, abs(x - y) / max(abs(x), 1e-6))
+    now.close()
+    new.close()
+    return {"max_rel_diff": worst, "keys_differ": differ}
+
+
+def proposals(cfg: Config, steps: int, block: int, from_step: int, pairs: int) -> tuple[list[dict], list[Compare]]:
+    """Time inside lstmwatch per variant (step-interleaved medians), then plain / as is / A+D blocks interleaved."""
+    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+    data = make_data(cfg)
+    names = ["as is", "A", "A+B", "A+C", "A+D"]
+    plain = Variant("plain", base, data)
+    vs = [Variant(n, base, data, attach=lstmwatch_attach() if n == "as is" else proposed_attach(n.replace("+", "")))
+          for n in names]
+    for v in [plain, *vs]:
+        v.step(record=False)
+    for v in vs:
+        v.skip_to(LOG_EVERY + 1)
+    for k in range(2 * pairs):
+        for v in ([plain, *vs] if k % 2 == 0 else [*vs, plain][::-1]):
+            if v.watcher is not None:
+                v.watcher.clock.logging = k >= pairs  # steady steps first, then logging steps
+            v.step()
+    p_ms = 1e3 * statistics.median(plain.wall)
+    rows = []
+    for v in vs:
+        st = [t for t, lg in zip(v.inside_steps, v.logging) if not lg]
+        lg = [t for t, lg in zip(v.inside_steps, v.logging) if lg]
+        s_ms, l_ms = 1e3 * statistics.median(st), 1e3 * statistics.median(lg)
+        rows.append({"v": v.name, "steady": s_ms, "log": l_ms, "steady_pct": 100 * s_ms / p_ms,
+                     "log_steps": l_ms / p_ms, "est": 1 + (s_ms + (l_ms - s_ms) / LOG_EVERY) / p_ms})
+        v.close()
+    # The full steps, as the reference measures them: plain, as is and A+D, blocks interleaved.
+    plain = Variant("plain", base, data)
+    ws = [Variant("as is", base, data, attach=lstmwatch_attach()),
+          Variant("A+D", base, data, attach=proposed_attach("AD"))]
+    for v in [plain, *ws]:
+        v.step(record=False)
+    for v in ws:
+        v.skip_to(from_step)
+    res = interleave([plain, *ws], max(1, steps // block), block)
+    for v in ws:
+        v.close()
+    return rows, [compare(plain, v, res[0], r) for v, r in zip(ws, res[1:])]
+
+
+# --- output
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """A markdown table; cols are (header, key, format), format 's' for text."""
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |",
+             "|" + "|".join("---" if f == "s" else "---:" for _, _, f in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[k]) if f == "s" else format(r[k], f) for _, k, f in cols) + " |")
+    return "\n".join(lines)
+
+
+COMPARE_COLS = [("config", "config", "s"), ("plain ms/step", "plain", ".1f"), ("watched ms/step", "watched", ".1f"),
+                ("ratio", "ratio", ".3f"), ("cpu", "cpu", ".3f"), ("median round", "median", ".3f"),
+                ("worst round", "worst", ".3f"), ("long run", "long", ".3f")]
+
+
+def compare_row(c: Compare, config: str | None = None) -> dict:
+    return {"config": config or c.name, "plain": c.plain_ms, "watched": c.watched_ms, "ratio": c.ratio, "cpu": c.cpu,
+            "median": c.median_round, "worst": c.worst_round, "long": c.long_run}
+
+
+def ref_inside(c: Compare) -> float:
+    """The long-run ratio from the time inside lstmwatch: 1 + (steady + (logging - steady) / 50) / plain step."""
+    s, lg = c.inside_steady_ms, c.inside_log_ms
+    if math.isnan(lg):
+        return 1 + s / c.plain_ms
+    return 1 + (s + (lg - s) / LOG_EVERY) / c.plain_ms
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How many cores other programs kept busy while this benchmark ran: its own CPU time taken out."""
+
+    def __init__(self):
+        self.t0, self.b0, self.c0 = time.perf_counter(), busy_seconds(), time.process_time()
+
+    def cores(self) -> float | None:
+        b1 = busy_seconds()
+        if b1 is None or self.b0 is None:
+            return None
+        return max(0.0, (b1 - self.b0) - (time.process_time() - self.c0)) / (time.perf_counter() - self.t0)
+
+
+def load_note() -> str:
+    try:
+        la = os.getloadavg()
+    except OSError:
+        return ""
+    return f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} cores"
+
+
+def section(title: str) -> None:
+    print(f"## {title}\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a fast pass (~1 minute)")
+    ap.add_argument("--grid", action="store_true", help="include the scaling grid")
+    ap.add_argument("--propose", action="store_true", help="measure the proposed library changes")
+    ap.add_argument("--steps", type=int, help="steps per variant in the reference window (default 160, quick 40)")
+    ap.add_argument("--block", type=int, default=10, help="steps per interleaved block (default 10)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--from-step", type=int,
+                    help="schedule step the reference window starts at (default 51; quick 81, so it holds step 100)")
+    ap.add_argument("--no-compare", action="store_true", help="leave out wandb.watch and detect_anomaly")
+    ap.add_argument("--no-profile", action="store_true", help="leave out the per-function profile")
+    ap.add_argument("--aa", action="store_true",
+                    help="also run the reference protocol plain against plain: the method's noise floor")
+    ap.add_argument("--only", help="comma-separated sections to run: reference,compare,batch,profile,propose,grid")
+    ap.add_argument("--hidden", type=int, default=256, help="reference hidden size (default 256)")
+    ap.add_argument("--seq", type=int, default=100, help="reference sequence length (default 100)")
+    ap.add_argument("--layers", type=int, default=2, help="reference layers (default 2)")
+    ap.add_argument("--batch", type=int, default=64, help="reference batch (default 64)")
+    args = ap.parse_args(argv)
+
+    if args.only:
+        only = set(args.only.split(","))
+        unknown = only - {"reference", "compare", "batch", "profile", "propose", "grid"}
+        if unknown:
+            ap.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
+        args.no_compare, args.no_profile = "compare" not in only, "profile" not in only
+        args.grid, args.propose = "grid" in only, "propose" in only or args.propose
+    run = (lambda name: name in only) if args.only else (lambda name: True)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    quick = args.quick
+    steps = args.steps or (40 if quick else 160)
+    if args.from_step is None:
+        args.from_step = 2 * LOG_EVERY - 19 if quick else LOG_EVERY + 1
+    ref = Config(args.hidden, args.seq, args.layers, args.batch)
+    t_start = time.perf_counter()
+    start_load = load_note()
+    other = OtherLoad()
+    print(f"# lstmwatch overhead\n\ntorch {torch.__version__}, {args.threads} threads; at start: {start_load}\n")
+
+    ref_c = None
+    if run("reference"):
+        section(f"Reference: default settings (log_every=50, sample=8), {ref.label()}")
+        ref_c = reference(ref, steps, args.block, args.from_step)
+        print(table([compare_row(ref_c, f"lstmwatch, steps {args.from_step}-{args.from_step + steps - 1} "
+                                        f"({ref_c.logging_steps} logging)")], COMPARE_COLS))
+        print(f"\nsteady step {ref_c.steady_ratio:.3f} x plain; a logging step costs {ref_c.log_extra_ms:.1f} ms "
+              f"more than a plain step ({ref_c.log_extra_ms / (ref_c.plain_ms or 1):.2f} plain steps); inside "
+              f"lstmwatch: {ref_c.inside_steady_ms:.2f} ms per steady step, {ref_c.inside_log_ms:.1f} ms per logging "
+              f"step")
+        verdict = "met" if ref_c.ratio <= 1.01 else ("missed (<= 1.05)" if ref_c.ratio <= 1.05 else "MISSED (> 1.05)")
+        print(f"target ratio <= 1.01, never > 1.05: {verdict}\n", flush=True)
+        if args.aa:
+            aa = reference(ref, steps, args.block, args.from_step, aa=True)
+            print(table([compare_row(aa, "plain against a plain copy (noise floor)")], COMPARE_COLS))
+            print(flush=True)
+
+    if not args.no_compare:
+        cmp_steps, cmp_block = (10, 5) if quick else (max(args.block, min(steps, 60)), args.block)
+        section(f"Side by side: {ref.label()}, {cmp_steps} steps each, blocks of {cmp_block} interleaved")
+        with tempfile.TemporaryDirectory() as tmp:
+            res = side_by_side(ref, cmp_steps, cmp_block, tmp, propose=args.propose)
+        print(table([compare_row(r) for r in res], COMPARE_COLS))
+        every = next((r for r in res if "log_every=1" in r.name), None)
+        wb1 = next((r for r in res if "log_freq=1)" in r.name), None)
+        if every and wb1:
+            print(f"\nlstmwatch every step {every.ratio:.3f} against wandb.watch(log='all') every step "
+                  f"{wb1.ratio:.3f}: {'below' if every.ratio < wb1.ratio else 'NOT below'}")
+        print(flush=True)
+
+    batches = [8, 64, 512] if quick else [8, 32, 64, 128, 256, 512]
+    if run("batch"):
+        section(f"A logging step against a plain step, by batch size ({ref.but(batch=0).label()[:-4]}, sample=8)")
+        rows = [point(ref.but(batch=b), 2 if quick else 4) for b in batches]
+        print(table(rows, [("batch", "batch", "d"), ("plain ms/step", "plain_ms", ".1f"),
+                           ("logging step - plain, ms", "log_extra_ms", ".1f"),
+                           ("in plain steps", "log_extra_steps", ".2f"),
+                           ("inside lstmwatch, logging step ms", "inside_log_ms", ".1f"),
+                           ("inside, steady step ms", "inside_steady_ms", ".2f")]))
+        print(flush=True)
+
+    if not args.no_profile:
+        prows, p_ms = hook_profile(ref, 10 if quick else 30, 2 if quick else 5)
+        section(f"Where the time goes: inclusive ms per step in lstmwatch's functions ({ref.label()}, "
+                f"plain step {p_ms:.1f} ms)")
+        print(table(prows, [("function", "fn", "s"), ("steady step ms", "steady", ".3f"),
+                            ("calls", "steady_calls", ".0f"), ("logging step ms", "log", ".2f"),
+                            ("calls ", "log_calls", ".0f")]))
+        print(flush=True)
+
+    if args.propose and run("propose"):
+        section("Proposed changes, prototyped on one watcher each (see the comments above proposed_attach)")
+        chk = check_proposals(ref)
+        print(f"A+D against today's code on 3 logging steps: max relative difference {chk['max_rel_diff']:.1e}, "
+              f"{chk['keys_differ']} keys differ\n")
+        rows, res = proposals(ref, steps, args.block, args.from_step, 4 if quick else 12)
+        print(table(rows, [("variant", "v", "s"), ("inside, steady step ms", "steady", ".2f"),
+                           ("steady % of plain", "steady_pct", ".2f"), ("inside, logging step ms", "log", ".1f"),
+                           ("logging / plain step", "log_steps", ".2f"), ("long run estimate", "est", ".4f")]))
+        print(f"\n(long run estimate = 1 + (steady + (logging - steady) / {LOG_EVERY}) / plain step)\n")
+        print(table([compare_row(r, f"{r.name}, steps {args.from_step}-{args.from_step + steps - 1}")
+                     for r in res], COMPARE_COLS))
+        print(flush=True)
+
+    if args.grid:
+        grid = GRID_QUICK if quick else GRID
+        section("How the cost grows: one factor at a time around the reference, short points")
+        rows = []
+        for attr, values in grid.items():
+            for val in values:
+                rows.append(point(ref.but(**{attr: val}), 2 if quick else 3))
+                print(f"  {rows[-1]['config']}: ratio {rows[-1]['ratio']:.3f}", file=sys.stderr, flush=True)
+        print(table(rows, [("config", "config", "s"), ("plain ms/step", "plain_ms", ".1f"),
+                           ("watched ms/step", "watched_ms", ".1f"), ("ratio", "ratio", ".3f"),
+                           ("steady ratio", "steady_ratio", ".3f"), ("logging step extra ms", "log_extra_ms", ".1f"),
+                           ("in plain steps", "log_extra_steps", ".2f"), ("inside ratio", "inside_ratio", ".4f")]))
+        print("\n(watched ms/step = steady step + (logging step - steady step) / 50; inside ratio = 1 + time in "
+              "lstmwatch's code per step, so averaged, / plain step)\n")
+
+    busy = other.cores()
+    note = "" if busy is None else f"; other programs kept {busy:.2f} of {os.cpu_count()} cores busy meanwhile"
+    if busy is not None and busy > 0.1:
+        note += ": timings are noisy, take them as provisional"
+    print(f"({time.perf_counter() - t_start:.0f} s; at end: {load_note()}{note})")
+    if ref_c is not None:
+        print(f"overhead: reference ratio={ref_c.ratio:.3f} (cpu {ref_c.cpu:.3f}, median round "
+              f"{ref_c.median_round:.3f}, long run {ref_c.long_run:.3f}, inside {ref_inside(ref_c):.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
