@@ -258,3 +258,95 @@ def gru_gates(gru: nn.GRU, input: Tensor | PackedSequence, hx: Tensor | None = N
         batch = batch._replace(x=batch.x.to(dtype))
         traces, _, _ = gru_forward(params, gru, batch, h0.to(dtype) if h0 is not None else None)
     return traces
+
+
+def lstm_forward_fused(params: list[dict[str, Tensor | None]], lstm: nn.LSTM, batch: SeqBatch,
+                       h0: Tensor | None = None, c0: Tensor | None = None):
+    """lstm_forward for a unidirectional LSTM on full-length sequences, through the fused kernel.
+
+    Layer by layer, the kernel gives h_t; the gates of all steps then come from two matmuls, and the
+    cell state from one addcmul per step. Same traces as lstm_forward, to rounding; not differentiable.
+    Returns (traces, h_n, c_n).
+    """
+    x, mask = batch.x, batch.mask
+    s = x.shape[0]
+    hsize, out = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
+    traces, hn, cn = [], [], []
+    for k in range(lstm.num_layers):
+        p = params[k]
+        h_0 = h0[k] if h0 is not None else x.new_zeros(s, out)
+        c_0 = c0[k] if c0 is not None else x.new_zeros(s, hsize)
+        flat = [p["w_ih"], p["w_hh"]] + ([p["b_ih"], p["b_hh"]] if p["b_ih"] is not None else [])
+        flat += [p["w_hr"]] if p["w_hr"] is not None else []
+        # The op nn.LSTM.forward itself calls: one layer, no dropout, eval, unidirectional, batch first.
+        h, _, c_n = torch._VF.lstm(x, (h_0[None], c_0[None]), flat, p["b_ih"] is not None, 1, 0.0, False, False,
+                                   True)  # h (S, T, P)
+        h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)
+        z = x @ p["w_ih"].T + h_prev @ p["w_hh"].T  # (S, T, 4H)
+        if p["b_ih"] is not None:
+            z = z + (p["b_ih"] + p["b_hh"])
+        sg = torch.sigmoid(z)
+        i, f, o = sg[..., :hsize], sg[..., hsize:2 * hsize], sg[..., 3 * hsize:]
+        g = torch.tanh(z[..., 2 * hsize:3 * hsize])
+        ig, fs = (i * g).unbind(1), f.unbind(1)
+        cs, cc = [], c_0
+        for t in range(x.shape[1]):
+            cc = torch.addcmul(ig[t], fs[t], cc)
+            cs.append(cc)
+        traces.append(GateTrace(i, f, g, o, torch.stack(cs, 1), h, mask=mask, layer=k, direction=0))
+        hn.append(h[:, -1])
+        cn.append(c_n[0])
+        x = h
+    return traces, torch.stack(hn), torch.stack(cn)
+
+
+def lstm_backward_through_time(params: list[dict[str, Tensor | None]], traces: list[GateTrace],
+                               grads: dict[str, Tensor], c0: Tensor | None = None) -> list[list[Tensor]]:
+    """dL/dh_t of every layer and step of a unidirectional LSTM on full-length sequences, written out.
+
+    grads: 'out' (S, T, P), 'h_n' and 'c_n' (L, S, *), the gradients backward brought to the outputs.
+    The LSTM's backward recurrence, from the recomputed gates:
+      dh_t = g_t + dz_{t+1} W_hh;  dm_t = dh_t W_hr (with proj);  dc_t = dm_t o_t (1 - tanh^2 c_t) + dc_{t+1} f_{t+1};
+      dz_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dm tanh(c) o(1-o)];  the layer below gets dz W_ih.
+    Returns per layer a list of T tensors (S, P): the total derivative, through the head and all later steps.
+    """
+    n_layers = len(traces)
+    s, t_len, hsize = traces[0].c.shape
+    g_out, g_hn, g_cn = grads.get("out"), grads.get("h_n"), grads.get("c_n")
+    top = traces[-1].h
+    ext = g_out.to(top.dtype) if g_out is not None else torch.zeros_like(top)  # (S, T, P) into the top layer
+    out: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    for k in reversed(range(n_layers)):
+        tr, p = traces[k], params[k]
+        tc = torch.tanh(tr.c)
+        c_first = c0[k] if c0 is not None else tr.c.new_zeros(s, hsize)
+        c_prev = torch.cat([c_first[:, None], tr.c[:, :-1]], 1)
+        b = torch.cat([tr.g * tr.i * (1 - tr.i), c_prev * tr.f * (1 - tr.f), tr.i * (1 - tr.g * tr.g),
+                       tc * tr.o * (1 - tr.o)], 2).unbind(1)  # T x (S, 4H)
+        a = (tr.o * (1 - tc * tc)).unbind(1)
+        f = tr.f.unbind(1)
+        e = ext.unbind(1)
+        whh, whr = p["w_hh"], p["w_hr"]
+        dhs: list[Tensor] = [e[0]] * t_len
+        dzs: list[Tensor] = [e[0]] * t_len
+        dz = dc = None
+        for t in range(t_len - 1, -1, -1):
+            dh = e[t]
+            if t == t_len - 1 and g_hn is not None:
+                dh = dh + g_hn[k].to(dh.dtype)
+            if dz is not None:
+                dh = torch.addmm(dh, dz, whh)
+            dhs[t] = dh
+            dm = dh @ whr if whr is not None else dh
+            dc_new = dm * a[t]
+            if dc is not None:
+                dc_new = torch.addcmul(dc_new, dc, f[t + 1])
+            elif g_cn is not None:
+                dc_new = dc_new + g_cn[k].to(dc_new.dtype)
+            dc = dc_new
+            dz = torch.cat([dc, dc, dc, dm], 1) * b[t]
+            dzs[t] = dz
+        out[k] = dhs
+        if k > 0:
+            ext = torch.stack(dzs, 1) @ p["w_ih"]  # (S, T, P) into the layer below
+    return out

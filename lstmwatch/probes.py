@@ -18,7 +18,15 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import stats
-from .gates import SeqBatch, as_batch, gru_forward, lstm_forward, rnn_params
+from .gates import (
+    SeqBatch,
+    as_batch,
+    gru_forward,
+    lstm_backward_through_time,
+    lstm_forward,
+    lstm_forward_fused,
+    rnn_params,
+)
 
 
 @dataclass
@@ -288,11 +296,17 @@ class RNNProbe(Probe):
         batch = cap.batch._replace(x=cap.batch.x.to(dtype))
         state = tuple(s.to(dtype) for s in cap.state) if cap.state is not None else None
         want_grad = bool(cap.grads)
-        with torch.enable_grad() if want_grad else torch.no_grad(), torch.autocast(batch.x.device.type, enabled=False):
-            if want_grad:
-                batch = batch._replace(x=batch.x.requires_grad_())
-            traces, finals, steps = self._forward(rnn_params(m, weights), batch, state, want_grad)
-            grads = self._through_time(cap, traces, finals, steps) if want_grad else None
+        params = rnn_params(m, weights)
+        with torch.autocast(batch.x.device.type, enabled=False):
+            if self._fast(batch):
+                with torch.no_grad():
+                    traces, grads = self._fast_internals(params, batch, state, cap.grads if want_grad else None)
+            else:
+                with torch.enable_grad() if want_grad else torch.no_grad():
+                    if want_grad:
+                        batch = batch._replace(x=batch.x.requires_grad_())
+                    traces, finals, steps = self._forward(params, batch, state, want_grad)
+                    grads = self._through_time(cap, traces, finals, steps) if want_grad else None
         d = 2 if m.bidirectional else 1
         finite = []
         for idx, tr in enumerate(traces):
@@ -301,8 +315,8 @@ class RNNProbe(Probe):
                 items[f"{n}/{lab}/{k}"] = v.detach()
             finite.append(torch.isfinite(tr.h.detach()).all())
             if grads is not None:
-                g = torch.stack([gt if gt is not None else torch.zeros_like(st) for gt, st in
-                                 zip(grads[idx], steps[idx])], 1)  # (S, T, H)
+                zero = torch.zeros_like(tr.h[:, 0])
+                g = torch.stack([gt if gt is not None else zero for gt in grads[idx]], 1)  # (S, T, H)
                 for k, v in stats.through_time(g, tr.mask, reverse=tr.direction == 1).items():
                     items[f"{n}/{lab}/{k}"] = v
         if grads is not None:
@@ -314,6 +328,10 @@ class RNNProbe(Probe):
             items[f"{n}/gtt/decay"] = items[f"{n}/{lab}/gtt/decay"]
         self._mark("gates", torch.stack(finite).all())
         return items
+
+    def _fast(self, batch: SeqBatch) -> bool:
+        """Whether the fused-kernel path applies (subclasses)."""
+        return False
 
     def _through_time(self, cap: Capture, traces, finals, steps):
         """dL/dh_t for every layer, direction and step, from the output gradients backward caught."""
@@ -352,6 +370,16 @@ class LSTMProbe(RNNProbe):
 
     def _trace_stats(self, tr):
         return stats.gate_stats(tr.i, tr.f, tr.g, tr.o, tr.c, tr.h, tr.mask)
+
+    def _fast(self, batch: SeqBatch) -> bool:
+        # Unidirectional on full-length sequences: the fused kernel and a written-out backward, with no
+        # autograd and few ops per step. Bidirectional or packed samples take the general recurrence.
+        return not self.module.bidirectional and not batch.packed
+
+    def _fast_internals(self, params, batch, state, grads):
+        h0, c0 = state if state is not None else (None, None)
+        traces, _, _ = lstm_forward_fused(params, self.module, batch, h0, c0)
+        return traces, (lstm_backward_through_time(params, traces, grads, c0) if grads else None)
 
 
 class GRUProbe(RNNProbe):
