@@ -3,7 +3,6 @@
     python benchmarks/overhead.py --quick     # ~1 minute: every section, trimmed
     python benchmarks/overhead.py             # reference, side by side, logging step vs batch, profile (~5 min)
     python benchmarks/overhead.py --grid      # + how the cost grows with hidden size, length, layers, batch (+3 min)
-    python benchmarks/overhead.py --propose   # + the changes proposed for the library, prototyped here (+3 min)
     python benchmarks/overhead.py --only reference --aa   # the reference, and plain against plain: the noise floor
 
 Reference workload: nn.LSTM(32, 256, num_layers=2, batch_first=True), a linear head on the last step,
@@ -35,7 +34,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -258,20 +256,13 @@ def reference(cfg: Config, steps: int, block: int, from_step: int, attach=None, 
     return compare(plain, watched, rp, rw)
 
 
-def side_by_side(cfg: Config, steps: int, block: int, tmp: str, propose: bool = False) -> list[Compare]:
+def side_by_side(cfg: Config, steps: int, block: int, tmp: str) -> list[Compare]:
     """lstmwatch (default, every step), wandb.watch(log='all') every step and every 50, detect_anomaly."""
     base = Net(cfg.inp, cfg.hidden, cfg.layers)
     data = make_data(cfg)
     vs = [Variant("plain", base, data),
           Variant("lstmwatch default (log_every=50)", base, data, attach=lstmwatch_attach()),
           Variant("lstmwatch every step (log_every=1)", base, data, attach=lstmwatch_attach(log_every=1))]
-    if propose:
-        vs += [Variant("lstmwatch every step, proposals A+D", base, data,
-                       attach=proposed_attach("AD", log_every=1)),
-               Variant("lstmwatch every step, proposals A+D, sample=4", base, data,
-                       attach=proposed_attach("AD", log_every=1, sample=4)),
-               Variant("lstmwatch every step, proposals A+D+E (internals every 50)", base, data,
-                       attach=proposed_attach("ADE", log_every=1))]
     run = None
     try:
         import wandb
@@ -427,383 +418,6 @@ def hook_profile(cfg: Config, steady_steps: int, log_steps: int) -> tuple[list[d
     return rows, 1e3 * statistics.median(p.wall)
 
 
-# --- proposed library changes, prototyped on one watcher instance (this process only)
-#
-# A: the steady step. A1: the forward hook checks the input's finiteness with one reduction,
-#    isfinite(x.sum(dtype=float32)), instead of isfinite(x).all() (an elementwise pass, a bool tensor and a
-#    slow all()); a sum of finite values overflows only for absurd data, which must be flagged anyway.
-#    A2: outside logging steps the gradient hooks only keep a reference to each gradient; at the end of
-#    backward (Variable._execution_engine.queue_callback, as DDP does) one torch._foreach_norm over the
-#    probe's gradients, one isfinite and one where update a (P,) vector of first non-finite steps.
-#    Logging steps keep today's per-parameter block norms.
-# B: the logging step. The recurrence in gates.lstm_forward/_lstm_direction with fewer ops per timestep:
-#    W_hh^T and the summed biases once per direction, z = addmm(xw_t, h, W_hh^T), one sigmoid over all four
-#    gates and tanh on the cell block, c = addcmul(f * c, i, g), and no mask/where/`* fm` unless the input is a
-#    PackedSequence (the only input with sequences shorter than T; SeqBatch.packed says so without a sync).
-
-_A1_OLD = "torch.isfinite(data).all()"
-_A1_NEW = "torch.isfinite(data.sum(dtype=torch.float32))"
-
-
-def _a1_on_forward():
-    """RNNProbe._on_forward with A1 applied to its source, or None if the line is not there any more."""
-    import inspect
-    import textwrap
-
-    fn = lw_probes.RNNProbe.__dict__.get("_on_forward")
-    if fn is None:
-        return None
-    src = textwrap.dedent(inspect.getsource(fn))
-    if _A1_OLD not in src:
-        return None
-    ns: dict = {}
-    exec(compile(src.replace(_A1_OLD, _A1_NEW), lw_probes.__file__, "exec"), vars(lw_probes).copy(), ns)
-    return ns["_on_forward"]
-
-
-def _a2_on_grad(orig):
-    def _on_grad(self, pname, p):
-        if p.grad is None:
-            return None
-        if self.clock.logging or self.clock.scaler is not None:
-            return orig(self, pname, p)
-        pend = self.__dict__.get("_pend")
-        if not pend:
-            pend = self._pend = {}
-            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_a2_flush, self))
-        pend[pname] = p.grad
-        return None
-
-    return _on_grad
-
-
-def _a2_flush(self) -> None:
-    """End of backward: the probe's gradients in one fused norm; a (P,) vector of first non-finite steps."""
-    pend = self.__dict__.get("_pend") or {}
-    self._pend = {}
-    if not pend:
-        return
-    names = list(self.params)
-    grads = [pend[n].detach() if n in pend else None for n in names]
-    have = [g for g in grads if g is not None]
-    norms = torch.stack(torch._foreach_norm(have))  # (P,)
-    vec = self.__dict__.get("_bad_vec")
-    if vec is None or vec.numel() != len(have):
-        vec = torch.full((len(have),), math.inf, device=norms.device)
-    self._bad_vec = torch.where(torch.isfinite(norms), vec, vec.clamp(max=self.clock.step))
-    self._bad_names = [n for n, g in zip(names, grads) if g is not None]
-
-
-def _a2_collect(orig):
-    def collect(self, step):
-        items, host = orig(step)
-        vec = self.__dict__.get("_bad_vec")
-        if vec is not None:
-            for k, pname in enumerate(self._bad_names):
-                key = f"{self.name}/nonfinite/grad/{pname}"
-                items[key] = torch.minimum(items[key], vec[k]) if key in items else vec[k]
-        return items, host
-
-    return collect
-
-
-def _lstm_direction_lean(p, x, mask, h, c, reverse):
-    """gates._lstm_direction with fewer ops per step (proposal B); mask None: no sequence ends early."""
-    hs_ = p["w_ih"].shape[0] // 4
-    xw = x @ p["w_ih"].T  # (B, T, 4H)
-    if p["b_ih"] is not None:
-        xw = xw + (p["b_ih"] + p["b_hh"])
-    whh = p["w_hh"].T
-    whr = p["w_hr"].T if p["w_hr"] is not None else None
-    xs = xw.unbind(1)
-    n = x.shape[1]
-    gi, gf, gg, go, cs, hs = ([None] * n for _ in range(6))
-    for t in (range(n - 1, -1, -1) if reverse else range(n)):
-        z = torch.addmm(xs[t], h, whh)
-        sg = torch.sigmoid(z)
-        i, f, _, o = sg.chunk(4, dim=1)
-        g = torch.tanh(z[:, 2 * hs_:3 * hs_])
-        c_new = torch.addcmul(f * c, i, g)
-        h_new = o * torch.tanh(c_new)
-        if whr is not None:
-            h_new = h_new @ whr
-        if mask is None:
-            c, h = c_new, h_new
-        else:
-            m = mask[:, t, None]
-            c = torch.where(m, c_new, c)
-            h = torch.where(m, h_new, h)
-        gi[t], gf[t], gg[t], go[t], cs[t], hs[t] = i, f, g, o, c, h
-    return gi, gf, gg, go, cs, hs, h, c
-
-
-def lstm_forward_lean(params, lstm, batch, h0=None, c0=None, keep_steps=False):
-    """gates.lstm_forward with proposal B: no masking work when the sample has no short sequence."""
-    from lstmwatch.gates import GateTrace
-
-    x, mask = batch.x, batch.mask
-    b, d = x.shape[0], 2 if lstm.bidirectional else 1
-    hsize, out = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
-    ragged = batch.packed  # only a PackedSequence has sequences shorter than T; known without a sync
-    fm = mask[..., None].to(x.dtype) if ragged else None
-    traces, hn, cn, steps = [], [], [], []
-    for k in range(lstm.num_layers):
-        outs = []
-        for j in range(d):
-            idx = k * d + j
-            h = h0[idx] if h0 is not None else x.new_zeros(b, out)
-            c = c0[idx] if c0 is not None else x.new_zeros(b, hsize)
-            gi, gf, gg, go, cs, hs, h, c = _lstm_direction_lean(params[idx], x, mask if ragged else None, h, c,
-                                                                reverse=j == 1)
-            st = [torch.stack(s, 1) for s in (gi, gf, gg, go, cs, hs)]
-            if ragged:
-                st = [s * fm for s in st]
-            traces.append(GateTrace(*st, mask=mask, layer=k, direction=j))
-            outs.append(st[5])
-            hn.append(h)
-            cn.append(c)
-            if keep_steps:
-                steps.append(hs)
-        x = torch.cat(outs, dim=2) if d == 2 else outs[0]
-    return traces, torch.stack(hn), torch.stack(cn), steps
-
-
-def _b_forward(self, params, batch, state, keep_steps):
-    h0, c0 = state if state is not None else (None, None)
-    traces, hn, cn, steps = lstm_forward_lean(params, self.module, batch, h0, c0, keep_steps)
-    return traces, {"h_n": hn, "c_n": cn}, steps
-
-
-# C: the logging step without autograd. The recomputation runs under no_grad (proposal B's loop) and the
-#    gradient through time comes from the LSTM's backward recurrence written out, from the stacked gates:
-#    dh_t = g_t + dz_{t+1} W_hh;  dm_t = dh_t W_hr (proj);  dc_t = dm_t o_t (1 - tanh^2 c_t) + dc_{t+1} f_{t+1};
-#    dz_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dm tanh(c) o(1-o)];  the layer below gets dz W_ih.
-#    Prototyped for unidirectional LSTMs without ragged sequences (the reference); other shapes fall back.
-
-
-def _c_forward(self, params, batch, state, keep_steps):
-    with torch.no_grad():
-        return _b_forward(self, params, batch, state, keep_steps)
-
-
-def _c_through_time(orig):
-    def through_time(self, cap, traces, finals, steps):
-        m = self.module
-        if m.bidirectional or cap.batch.packed:
-            return orig(cap, traces, finals, steps)
-        with torch.no_grad():
-            return lstm_bptt(rnn_params_of(self), traces, cap.grads, cap.state)
-    return through_time
-
-
-def rnn_params_of(probe):
-    from lstmwatch.gates import rnn_params
-
-    return rnn_params(probe.module, probe._weights)
-
-
-def lstm_bptt(params, traces, grads, state):
-    """dL/dh_t of every layer (unidirectional, no ragged sequences) by the backward recurrence; lists of (S, P)."""
-    L = len(traces)
-    S, T, H = traces[0].c.shape
-    g_out, g_hn, g_cn = grads.get("out"), grads.get("h_n"), grads.get("c_n")
-    top = traces[-1].h
-    ext = g_out.to(top.dtype) if g_out is not None else torch.zeros_like(top)  # (S, T, P) on the top layer
-    out: list = [None] * L
-    for k in reversed(range(L)):
-        tr, p = traces[k], params[k]
-        tc = torch.tanh(tr.c)
-        c0 = state[1][k] if state is not None else tr.c.new_zeros(S, H)
-        c_prev = torch.cat([c0[:, None], tr.c[:, :-1]], 1)
-        b = torch.cat([tr.g * tr.i * (1 - tr.i), c_prev * tr.f * (1 - tr.f), tr.i * (1 - tr.g * tr.g),
-                       tc * tr.o * (1 - tr.o)], 2).unbind(1)  # T x (S, 4H)
-        a = (tr.o * (1 - tc * tc)).unbind(1)
-        f = tr.f.unbind(1)
-        e = ext.unbind(1)
-        whh, whr = p["w_hh"], p["w_hr"]
-        dhs, dzs = [None] * T, [None] * T
-        dz = dc = None
-        for t in range(T - 1, -1, -1):
-            dh = e[t]
-            if t == T - 1 and g_hn is not None:
-                dh = dh + g_hn[k]
-            if dz is not None:
-                dh = torch.addmm(dh, dz, whh)
-            dhs[t] = dh
-            dm = dh @ whr if whr is not None else dh
-            dc_new = dm * a[t]
-            if dc is not None:
-                dc_new = torch.addcmul(dc_new, dc, f[t + 1])
-            elif g_cn is not None:
-                dc_new = dc_new + g_cn[k]
-            dc = dc_new
-            dz = torch.cat([dc, dc, dc, dm], 1) * b[t]
-            dzs[t] = dz
-        out[k] = dhs
-        if k > 0:
-            ext = torch.stack(dzs, 1) @ p["w_ih"]  # (S, T, P) into the layer below
-    return out
-
-
-# D: C with the recomputed forward taken from the fused kernel, one layer at a time: torch._VF.lstm on the
-#    sample gives h_t of the layer; then z = x W_ih^T + h_{t-1} W_hh^T + b for all t in two matmuls, the gates
-#    in three calls, and c_t = f_t c_{t-1} + i_t g_t in one addcmul per step. The Python loop over time keeps one
-#    call per step forward and ~6 backward, none recorded by autograd. Unidirectional, no ragged sample here.
-
-
-def lstm_forward_fused(params, lstm, batch, h0=None, c0=None, keep_steps=False):
-    """gates.lstm_forward through the fused kernel, layer by layer (proposal D); same traces, no autograd."""
-    from lstmwatch.gates import GateTrace
-
-    x, mask = batch.x, batch.mask
-    s = x.shape[0]
-    hsize, out = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
-    traces, hn, cn, steps = [], [], [], []
-    for k in range(lstm.num_layers):
-        p = params[k]
-        h_0 = h0[k] if h0 is not None else x.new_zeros(s, out)
-        c_0 = c0[k] if c0 is not None else x.new_zeros(s, hsize)
-        flat = [p["w_ih"], p["w_hh"]] + ([p["b_ih"], p["b_hh"]] if p["b_ih"] is not None else [])
-        flat += [p["w_hr"]] if p["w_hr"] is not None else []
-        h, _, c_n = torch._VF.lstm(x, (h_0[None], c_0[None]), flat, p["b_ih"] is not None, 1, 0.0, False, False,
-                                   True)  # h (S, T, P)
-        h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)
-        z = torch.matmul(x, p["w_ih"].T) + torch.matmul(h_prev, p["w_hh"].T)  # (S, T, 4H)
-        if p["b_ih"] is not None:
-            z = z + (p["b_ih"] + p["b_hh"])
-        sg = torch.sigmoid(z)
-        i, f, o = sg[..., :hsize], sg[..., hsize:2 * hsize], sg[..., 3 * hsize:]
-        g = torch.tanh(z[..., 2 * hsize:3 * hsize])
-        ig, fs = (i * g).unbind(1), f.unbind(1)
-        cs, cc = [], c_0
-        for t in range(x.shape[1]):
-            cc = torch.addcmul(ig[t], fs[t], cc)
-            cs.append(cc)
-        traces.append(GateTrace(i, f, g, o, torch.stack(cs, 1), h, mask=mask, layer=k, direction=0))
-        hn.append(h[:, -1])
-        cn.append(c_n[0])
-        if keep_steps:
-            steps.append(list(h.unbind(1)))
-        x = h
-    return traces, torch.stack(hn), torch.stack(cn), steps
-
-
-def _d_forward(self, params, batch, state, keep_steps):
-    if self.module.bidirectional or batch.packed:
-        return _c_forward(self, params, batch, state, keep_steps)
-    h0, c0 = state if state is not None else (None, None)
-    with torch.no_grad():
-        traces, hn, cn, steps = lstm_forward_fused(params, self.module, batch, h0, c0, keep_steps)
-    return traces, {"h_n": hn, "c_n": cn}, steps
-
-
-# E: a schedule of its own for the internals. log_every keeps its meaning for the cheap statistics (loss,
-#    gradient norms, update ratios, input statistics, NaN sites), while the gate recomputation and the gradient
-#    through time follow the default schedule (steps 1, 2, 4, ..., 32, then every 50), e.g. a new argument
-#    watch(..., internals_every=50). Prototyped by skipping _internals off that schedule.
-
-
-def _e_internals(orig):
-    every = lw_watch.schedule(LOG_EVERY)
-
-    def internals(step):
-        return orig(step) if every(step) else {}
-
-    return internals
-
-
-def proposed_attach(which: str, from_step: int = 1, **kw):
-    """lstmwatch.watch with proposals `which` (letters of A to E) applied to this watcher only."""
-    def attach(model):
-        saved = lw_probes.Probe.__dict__.get("_on_grad") if hasattr(lw_probes, "Probe") else None
-        owner = lw_probes.Probe if saved is not None else lw_probes.RNNProbe
-        orig = owner.__dict__["_on_grad"]
-        if "A" in which:  # the grad hooks are bound when the probe is built
-            owner._on_grad = _a2_on_grad(orig)
-        try:
-            w = lstmwatch_attach(from_step=from_step, **kw)(model)
-        finally:
-            owner._on_grad = orig
-        a1 = _a1_on_forward() if "A" in which else None
-        for p in w.probes:
-            if "A" in which:
-                p.collect = types.MethodType(_a2_collect(p.collect), p)
-                if a1 is not None and isinstance(p, lw_probes.RNNProbe):
-                    p._on_forward = types.MethodType(a1, p)
-            if "B" in which and isinstance(p, lw_probes.LSTMProbe):
-                p._forward = types.MethodType(_b_forward, p)
-            if "E" in which:
-                p._internals = _e_internals(p._internals)
-            if ("C" in which or "D" in which) and isinstance(p, lw_probes.LSTMProbe):
-                p._forward = types.MethodType(_d_forward if "D" in which else _c_forward, p)
-                p._through_time = types.MethodType(_c_through_time(p._through_time), p)
-        return w
-
-    return attach
-
-
-def check_proposals(cfg: Config, which: str = "AD") -> dict:
-    """The proposals give the statistics of today's code, to float rounding: a few logging steps compared."""
-    base = Net(cfg.inp, cfg.hidden, cfg.layers)
-    data = make_data(cfg.but(seq=min(cfg.seq, 30), batch=16))
-    now = Variant("now", base, data, attach=lstmwatch_attach(log_every=1))
-    new = Variant("new", base, data, attach=proposed_attach(which, log_every=1))
-    worst, differ = 0.0, 0
-    for _ in range(3):
-        now.step(record=False)
-        new.step(record=False)
-        a, b = now.watcher.latest, new.watcher.latest
-        differ += len(set(a.stats) ^ set(b.stats)) + len(set(a.curves) ^ set(b.curves))
-        pairs = [(a.stats[k], b.stats[k]) for k in set(a.stats) & set(b.stats)]
-        pairs += [xy for k in set(a.curves) & set(b.curves) for xy in zip(a.curves[k], b.curves[k])]
-        for x, y in pairs:
-            if isinstance(x, float) and math.isfinite(x):
-                worst = max(worst, abs(x - y) / max(abs(x), 1e-6))
-    now.close()
-    new.close()
-    return {"max_rel_diff": worst, "keys_differ": differ}
-
-
-def proposals(cfg: Config, steps: int, block: int, from_step: int, pairs: int) -> tuple[list[dict], list[Compare]]:
-    """Time inside lstmwatch per variant (step-interleaved medians), then plain / as is / A+D blocks interleaved."""
-    base = Net(cfg.inp, cfg.hidden, cfg.layers)
-    data = make_data(cfg)
-    names = ["as is", "A", "A+B", "A+C", "A+D"]
-    plain = Variant("plain", base, data)
-    vs = [Variant(n, base, data, attach=lstmwatch_attach() if n == "as is" else proposed_attach(n.replace("+", "")))
-          for n in names]
-    for v in [plain, *vs]:
-        v.step(record=False)
-    for v in vs:
-        v.skip_to(LOG_EVERY + 1)
-    for k in range(2 * pairs):
-        for v in ([plain, *vs] if k % 2 == 0 else [*vs, plain][::-1]):
-            if v.watcher is not None:
-                v.watcher.clock.logging = k >= pairs  # steady steps first, then logging steps
-            v.step()
-    p_ms = 1e3 * statistics.median(plain.wall)
-    rows = []
-    for v in vs:
-        st = [t for t, lg in zip(v.inside_steps, v.logging) if not lg]
-        lg = [t for t, lg in zip(v.inside_steps, v.logging) if lg]
-        s_ms, l_ms = 1e3 * statistics.median(st), 1e3 * statistics.median(lg)
-        rows.append({"v": v.name, "steady": s_ms, "log": l_ms, "steady_pct": 100 * s_ms / p_ms,
-                     "log_steps": l_ms / p_ms, "est": 1 + (s_ms + (l_ms - s_ms) / LOG_EVERY) / p_ms})
-        v.close()
-    # The full steps, as the reference measures them: plain, as is and A+D, blocks interleaved.
-    plain = Variant("plain", base, data)
-    ws = [Variant("as is", base, data, attach=lstmwatch_attach()),
-          Variant("A+D", base, data, attach=proposed_attach("AD"))]
-    for v in [plain, *ws]:
-        v.step(record=False)
-    for v in ws:
-        v.skip_to(from_step)
-    res = interleave([plain, *ws], max(1, steps // block), block)
-    for v in ws:
-        v.close()
-    return rows, [compare(plain, v, res[0], r) for v, r in zip(ws, res[1:])]
-
-
 # --- output
 
 
@@ -874,7 +488,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a fast pass (~1 minute)")
     ap.add_argument("--grid", action="store_true", help="include the scaling grid")
-    ap.add_argument("--propose", action="store_true", help="measure the proposed library changes")
     ap.add_argument("--steps", type=int, help="steps per variant in the reference window (default 160, quick 40)")
     ap.add_argument("--block", type=int, default=10, help="steps per interleaved block (default 10)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
@@ -884,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="leave out the per-function profile")
     ap.add_argument("--aa", action="store_true",
                     help="also run the reference protocol plain against plain: the method's noise floor")
-    ap.add_argument("--only", help="comma-separated sections to run: reference,compare,batch,profile,propose,grid")
+    ap.add_argument("--only", help="comma-separated sections to run: reference,compare,batch,profile,grid")
     ap.add_argument("--hidden", type=int, default=256, help="reference hidden size (default 256)")
     ap.add_argument("--seq", type=int, default=100, help="reference sequence length (default 100)")
     ap.add_argument("--layers", type=int, default=2, help="reference layers (default 2)")
@@ -893,11 +506,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only:
         only = set(args.only.split(","))
-        unknown = only - {"reference", "compare", "batch", "profile", "propose", "grid"}
+        unknown = only - {"reference", "compare", "batch", "profile", "grid"}
         if unknown:
             ap.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
         args.no_compare, args.no_profile = "compare" not in only, "profile" not in only
-        args.grid, args.propose = "grid" in only, "propose" in only or args.propose
+        args.grid = "grid" in only
     run = (lambda name: name in only) if args.only else (lambda name: True)
 
     torch.set_num_threads(args.threads)
@@ -933,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         cmp_steps, cmp_block = (10, 5) if quick else (max(args.block, min(steps, 60)), args.block)
         section(f"Side by side: {ref.label()}, {cmp_steps} steps each, blocks of {cmp_block} interleaved")
         with tempfile.TemporaryDirectory() as tmp:
-            res = side_by_side(ref, cmp_steps, cmp_block, tmp, propose=args.propose)
+            res = side_by_side(ref, cmp_steps, cmp_block, tmp)
         print(table([compare_row(r) for r in res], COMPARE_COLS))
         every = next((r for r in res if "log_every=1" in r.name), None)
         wb1 = next((r for r in res if "log_freq=1)" in r.name), None)
@@ -960,20 +573,6 @@ def main(argv: list[str] | None = None) -> int:
         print(table(prows, [("function", "fn", "s"), ("steady step ms", "steady", ".3f"),
                             ("calls", "steady_calls", ".0f"), ("logging step ms", "log", ".2f"),
                             ("calls ", "log_calls", ".0f")]))
-        print(flush=True)
-
-    if args.propose and run("propose"):
-        section("Proposed changes, prototyped on one watcher each (see the comments above proposed_attach)")
-        chk = check_proposals(ref)
-        print(f"A+D against today's code on 3 logging steps: max relative difference {chk['max_rel_diff']:.1e}, "
-              f"{chk['keys_differ']} keys differ\n")
-        rows, res = proposals(ref, steps, args.block, args.from_step, 4 if quick else 12)
-        print(table(rows, [("variant", "v", "s"), ("inside, steady step ms", "steady", ".2f"),
-                           ("steady % of plain", "steady_pct", ".2f"), ("inside, logging step ms", "log", ".1f"),
-                           ("logging / plain step", "log_steps", ".2f"), ("long run estimate", "est", ".4f")]))
-        print(f"\n(long run estimate = 1 + (steady + (logging - steady) / {LOG_EVERY}) / plain step)\n")
-        print(table([compare_row(r, f"{r.name}, steps {args.from_step}-{args.from_step + steps - 1}")
-                     for r in res], COMPARE_COLS))
         print(flush=True)
 
     if args.grid:
