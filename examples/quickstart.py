@@ -11,7 +11,7 @@ model = nn.ModuleDict({"lstm": lstm, "head": head})
 opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
 with lstmwatch.watch(model) as watcher:
-    for step in range(100):
+    for _ in range(100):
         prices = 1000 + 300 * torch.sin(torch.rand(32, 1) * 6 + torch.arange(31) * 0.2)  # (B, T + 1), raw scale
         x, y = prices[:, :-1, None], prices[:, -1:]
         loss = nn.functional.mse_loss(head(lstm(x)[0][:, -1]), (y - 1000) / 300)
