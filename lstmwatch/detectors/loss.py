@@ -60,16 +60,16 @@ class StalledLoss(Detector):
             msg += (f", and each optimizer step changes the weights by only {fmt(typical)} of their norm "
                     "(healthy is about 1e-3): the learning rate is too low")
             hint = ("raise the learning rate 10x-100x (e.g. `torch.optim.Adam(model.parameters(), lr=1e-3)`), or "
-                    "find it with a short learning-rate range test")
+                    "find it with a short learning-rate range test.")
         elif typical is not None and typical > 1e-2:
             msg += (f", while each step changes the weights by {fmt(typical)} of their norm (healthy is about 1e-3): "
                     "the learning rate is so high that the steps overshoot")
-            hint = "lower the learning rate 10x, or use a schedule: `torch.optim.lr_scheduler.ReduceLROnPlateau(opt)`"
+            hint = "lower the learning rate 10x, or use a schedule: `torch.optim.lr_scheduler.ReduceLROnPlateau(opt)`."
         else:
             msg += (f"; the weights move at a normal rate ({fmt(typical)} of their norm per step)" if typical else "")
             msg += ": the model is not learning from this data"
             hint = ("check that inputs and targets are aligned and normalized, that the loss fits the task, and "
-                    "that the gradient reaches the LSTM (see the other lstmwatch warnings)")
+                    "that the gradient reaches the LSTM (see the other lstmwatch warnings).")
         yield self.event(record, "", msg + ".", hint)
 
 
@@ -109,7 +109,7 @@ class DivergingLoss(Detector):
                              f"{self.threshold:g}x for {self.patience} logging steps): training is diverging; "
                              "the learning rate is too high.",
                              "lower the learning rate 10x, e.g. `torch.optim.Adam(model.parameters(), lr=1e-3)`, "
-                             "and clip gradients: `torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`")
+                             "and clip gradients: `torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`.")
 
 
 class Overfitting(Detector):

@@ -12,14 +12,14 @@ _ORDER = ("data", "gates", "loss", "grad")
 
 _HINTS = {
     "data": ("the input batch itself holds NaN or Inf: check the data pipeline (missing values, division by zero, "
-             "log(0)); `assert torch.isfinite(x).all()` before the model, or `x = torch.nan_to_num(x)`"),
+             "log(0)); `assert torch.isfinite(x).all()` before the model, or `x = torch.nan_to_num(x)`."),
     "gates": ("the LSTM's weights or state became NaN or Inf: an earlier update was too large; lower the learning "
-              "rate and clip: `torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`"),
+              "rate and clip: `torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`."),
     "loss": ("the loss became NaN or Inf while the LSTM's inputs were finite: check the loss for log(0) or "
-             "division by zero (add an epsilon), lower the learning rate, clip gradients"),
+             "division by zero (add an epsilon), lower the learning rate, clip gradients."),
     "grad": ("a gradient overflowed before anything else: clip gradients "
              "(`torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`) and lower the learning rate; with mixed "
-             "precision pass your GradScaler: `lstmwatch.watch(model, scaler=scaler)`"),
+             "precision pass your GradScaler: `lstmwatch.watch(model, scaler=scaler)`."),
 }
 
 
