@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
-import sys
 import warnings
 import weakref
 from collections import deque
@@ -16,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
+from ._frames import user_frame
 from .events import Event, LSTMWatchFailure, LSTMWatchWarning, Record
 from .probes import Clock, Probe, probe_for
 from .sinks.console import user_stacklevel
@@ -60,18 +59,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-_PKG = os.path.dirname(os.path.abspath(__file__))
-
-
 def find_scaler(depth: int = 3) -> Any | None:
     """An enabled GradScaler among the variables of the caller's frames (the training loop), if any."""
     amp = getattr(torch, "amp", None)
     cls = getattr(amp, "GradScaler", None)
     if cls is None:
         return None
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PKG):
-        frame = frame.f_back
+    frame = user_frame()[0]
     for _ in range(depth):
         if frame is None:
             break

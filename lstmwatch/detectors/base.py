@@ -140,6 +140,12 @@ class Detector:
 
     def __init__(self) -> None:
         self.latch = Latch()
+        self.streak = Streak()
+
+    def persists(self, key: str, present: bool, step: int, patience: int, badness: float = 1.0) -> int:
+        """Feed a fault's raw condition; returns how long it has held when it is to be raised now, else 0."""
+        n = self.streak.update(key, present, step)
+        return n if self.latch.check(key, n >= patience, badness, present) else 0
 
     def update(self, record: Record) -> list[Event]:
         """Read one record; return the events it raises."""

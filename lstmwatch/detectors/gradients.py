@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from statistics import median
 
 from ..events import Event, Record
-from .base import Detector, LossTrend, Streak, finite, fmt, layer_norms, layers, max_update_ratio
+from .base import Detector, LossTrend, finite, fmt, layer_norms, layers, max_update_ratio
 
 CLIP_HINT = ("clip the gradient norm before the optimizer step, "
              "`torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)`, "
@@ -98,7 +98,6 @@ class VanishingGradient(Detector):
         self.updates: dict[str, float] = {}
         self.threshold, self.through_time, self.patience = threshold, through_time, patience
         self.loss_patience, self.min_delta = loss_patience, min_delta
-        self.streak = Streak()
         self.trend = LossTrend()
 
     def _check(self, record: Record) -> Iterable[Event]:
@@ -147,15 +146,12 @@ class NoGradient(Detector):
     def __init__(self, patience: int = 2):
         super().__init__()
         self.patience = patience
-        self.streak = Streak()
 
     def _check(self, record: Record) -> Iterable[Event]:
         for m in record.modules:
             s = record.of(m)
             g, seen, trainable = s.get("grad_norm"), s.get("grads_seen"), s.get("trainable", 1.0)
-            none = seen == 0 or g == 0
-            n = self.streak.update(m, none, record.step)
-            if self.latch.check(m, n >= self.patience, present=none):
+            if n := self.persists(m, seen == 0 or g == 0, record.step, self.patience):
                 if trainable == 0:
                     yield self.event(record, m, "every parameter of this LSTM has requires_grad=False: it is frozen "
                                      "and will not learn.", "if that is not intended: `lstm.requires_grad_(True)`.",
@@ -177,16 +173,13 @@ class NotUpdated(Detector):
     def __init__(self, patience: int = 2):
         super().__init__()
         self.patience = patience
-        self.streak = Streak()
 
     def _check(self, record: Record) -> Iterable[Event]:
         for m in record.modules:
             g, ratio = record.stats.get(f"{m}/grad_norm"), max_update_ratio(record, m)
             if ratio is None or not finite(g):
                 continue  # this record did not measure it (or the step was skipped by the GradScaler)
-            frozen = g > 0 and ratio == 0
-            n = self.streak.update(m, frozen, record.step)
-            if self.latch.check(m, n >= self.patience, present=frozen):
+            if n := self.persists(m, g > 0 and ratio == 0, record.step, self.patience):
                 yield self.event(record, m, f"it gets gradients (norm {fmt(g)}) but its weights did not change "
                                  f"at all on {n} logging steps: the optimizer does not update it.",
                                  "build the optimizer from all parameters after the model is complete, "

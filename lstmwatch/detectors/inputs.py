@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..events import Event, Record
-from .base import Detector, Streak, finite, fmt, pct
+from .base import Detector, finite, fmt, pct
 
 
 class UnnormalizedInput(Detector):
@@ -21,7 +21,6 @@ class UnnormalizedInput(Detector):
     def __init__(self, max_mean: float = 5.0, max_std: float = 5.0, min_std: float = 1e-3, patience: int = 1):
         super().__init__()
         self.max_mean, self.max_std, self.min_std, self.patience = max_mean, max_std, min_std, patience
-        self.streak = Streak()
 
     def _check(self, record: Record) -> Iterable[Event]:
         for m in record.modules:
@@ -31,8 +30,7 @@ class UnnormalizedInput(Detector):
                 continue
             big = mean > self.max_mean or std > self.max_std
             tiny = std < self.min_std and mean < self.min_std
-            n = self.streak.update(m, big or tiny, record.step)
-            if not self.latch.check(m, n >= self.patience, max(mean, std, 1.0), present=big or tiny):
+            if not self.persists(m, big or tiny, record.step, self.patience, max(mean, std, 1.0)):
                 continue
             if big:
                 msg = (f"the input features have means up to {fmt(mean)} and standard deviations up to {fmt(std)} "
@@ -60,15 +58,13 @@ class Padding(Detector):
     def __init__(self, threshold: float = 0.1, patience: int = 2):
         super().__init__()
         self.threshold, self.patience = threshold, patience
-        self.streak = Streak()
 
     def _check(self, record: Record) -> Iterable[Event]:
         for m in record.modules:
             v = record.stats.get(f"{m}/data/pad_frac")
             if not finite(v):
                 continue
-            n = self.streak.update(m, v > self.threshold, record.step)
-            if self.latch.check(m, n >= self.patience, present=v > self.threshold):
+            if self.persists(m, v > self.threshold, record.step, self.patience):
                 yield self.event(record, m, f"{pct(v)} of the timesteps in the batch are trailing all-zero steps "
                                  f"(threshold {pct(self.threshold)}) fed as a plain tensor: the LSTM runs on through "
                                  "the padding, so its final state and h_n describe zeros, not the sequence.",

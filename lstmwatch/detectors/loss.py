@@ -88,7 +88,6 @@ class DivergingLoss(Detector):
         # The starting level from the first two steps only: a run that diverges at once must not
         # pull its own yardstick up.
         self.trend = LossTrend(start_steps=2, sign=_sign(mode))
-        self.streak = Streak()
 
     def _check(self, record: Record) -> Iterable[Event]:
         v = record.stats.get("loss_mean")

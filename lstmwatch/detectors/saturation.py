@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..events import Event, Record
-from .base import Detector, LossTrend, Streak, finite, layers, pct
+from .base import Detector, LossTrend, finite, layers, pct
 
 # What a gate pinned low / high does to the cell.
 _GATE_MEANING = {
@@ -34,7 +34,6 @@ class _Saturation(Detector):
         super().__init__()
         self.threshold, self.patience = threshold, patience
         self.loss_patience, self.min_delta = loss_patience, min_delta
-        self.streak = Streak()
         self.trend = LossTrend()
         self.first_step: int | None = None
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
+from .._frames import user_frame
 from ..events import Event, Record, warning_for
-
-_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def user_stacklevel() -> int:
-    """The stacklevel that points warnings.warn at the first frame outside lstmwatch."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PKG):
-        frame, level = frame.f_back, level + 1
-    return level
+    """The stacklevel that points the caller's warnings.warn at the first frame outside lstmwatch."""
+    return user_frame()[1]
 
 
 class ConsoleSink:

@@ -1,0 +1,17 @@
+"""The first stack frame outside lstmwatch: where warnings point, and where the training loop's variables live."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import FrameType
+
+_PKG = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_frame() -> tuple[FrameType | None, int]:
+    """The caller's first frame outside lstmwatch, and its stacklevel as seen from the caller."""
+    frame, level = sys._getframe(2), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PKG):
+        frame, level = frame.f_back, level + 1
+    return frame, level
