@@ -12,21 +12,14 @@ import math
 import re
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import stats
-from .gates import (
-    SeqBatch,
-    as_batch,
-    gru_forward,
-    lstm_backward_through_time,
-    lstm_forward,
-    lstm_forward_fused,
-    rnn_params,
-)
+from . import fast, stats
+from .gates import SeqBatch, as_batch, gru_forward, lstm_forward, rnn_params
 
 
 @dataclass
@@ -52,6 +45,18 @@ class Capture:
     order: Tensor | None  # sorted_indices of a packed input: caller's rows in that order
     transposed: bool  # output is (T, B, ...)
     unbatched: bool
+    top: Tensor | None = None  # (S, T, P) the module's output rows, when they are the top layer's hidden state
+
+
+class Part(NamedTuple):
+    """What the recomputation gives for one layer-direction of the sample."""
+
+    label: str  # 'l0', 'l1_reverse', ...
+    stats: dict[str, Tensor]
+    h: Tensor  # (S, T, P)
+    grads: Tensor | None  # (S, T, P) dL/dh_t, None when no gradient reached the outputs
+    mask: Tensor  # (S, T) bool
+    reverse: bool
 
 
 _LABEL = re.compile(r"_(l\d+(?:_reverse)?)$")
@@ -249,10 +254,16 @@ class RNNProbe(Probe):
             hx = hx if isinstance(hx, tuple) else (hx,)
             cap.state = tuple(self._rows_of_state(cap, h).detach() for h in hx)
         out, finals = self._split_output(output)
+        if self._top_is_output(batch, out):
+            cap.top = self._rows_of_out(cap, out).detach()
         for key, t in (("out", out.data if packed else out), *finals):
             if t.requires_grad:
                 t.register_hook(partial(self._on_out_grad, cap, key))
         return cap
+
+    def _top_is_output(self, batch: SeqBatch, out: Tensor) -> bool:
+        """Whether the output is the top layer's hidden state, as the fast path recomputes it (subclasses)."""
+        return False
 
     @staticmethod
     def _rows_of_state(cap: Capture, h: Tensor) -> Tensor:
@@ -262,19 +273,21 @@ class RNNProbe(Probe):
             h = h.index_select(1, cap.order)
         return h[:, cap.index]
 
+    @staticmethod
+    def _rows_of_out(cap: Capture, out: Tensor) -> Tensor:
+        """The sampled rows of an output-shaped tensor (its packed data, or padded), batch first: (S, T, D * P)."""
+        if cap.batch_sizes is not None:
+            out = pad_packed_sequence(PackedSequence(out, cap.batch_sizes), batch_first=True)[0]
+        elif cap.unbatched:
+            out = out.unsqueeze(0)
+        elif cap.transposed:
+            out = out.transpose(0, 1)
+        return out[cap.index]
+
     def _on_out_grad(self, cap: Capture, key: str, g: Tensor | None) -> None:
         if g is None:  # this output does not reach the loss (e.g. only h_n is used)
             return
-        if key != "out":
-            g = self._rows_of_state(cap, g)  # (L * D, S, H)
-        else:
-            if cap.batch_sizes is not None:
-                g = pad_packed_sequence(PackedSequence(g, cap.batch_sizes), batch_first=True)[0]
-            elif cap.unbatched:
-                g = g.unsqueeze(0)
-            elif cap.transposed:
-                g = g.transpose(0, 1)
-            g = g[cap.index]  # (S, T, D * H)
+        g = self._rows_of_state(cap, g) if key != "out" else self._rows_of_out(cap, g)  # (L * D, S, H), (S, T, D * P)
         g = g.detach()
         prev = cap.grads.get(key)
         cap.grads[key] = g if prev is None else prev + g
@@ -295,43 +308,54 @@ class RNNProbe(Probe):
         dtype = weights[next(iter(self.params))].dtype
         batch = cap.batch._replace(x=cap.batch.x.to(dtype))
         state = tuple(s.to(dtype) for s in cap.state) if cap.state is not None else None
-        want_grad = bool(cap.grads)
         params = rnn_params(m, weights)
         with torch.autocast(batch.x.device.type, enabled=False):
             if self._fast(batch):
                 with torch.no_grad():
-                    traces, grads = self._fast_internals(params, batch, state, cap.grads if want_grad else None)
+                    parts = self._fast_internals(params, batch, state, cap)
             else:
-                with torch.enable_grad() if want_grad else torch.no_grad():
-                    if want_grad:
-                        batch = batch._replace(x=batch.x.requires_grad_())
-                    traces, finals, steps = self._forward(params, batch, state, want_grad)
-                    grads = self._through_time(cap, traces, finals, steps) if want_grad else None
-        d = 2 if m.bidirectional else 1
+                parts = self._general_internals(params, batch, state, cap)
         finite = []
-        for idx, tr in enumerate(traces):
-            lab = f"l{tr.layer}" + ("_reverse" if tr.direction else "")
-            for k, v in self._trace_stats(tr).items():
-                items[f"{n}/{lab}/{k}"] = v.detach()
-            finite.append(torch.isfinite(tr.h.detach()).all())
-            if grads is not None:
-                zero = torch.zeros_like(tr.h[:, 0])
-                g = torch.stack([gt if gt is not None else zero for gt in grads[idx]], 1)  # (S, T, H)
-                for k, v in stats.through_time(g, tr.mask, reverse=tr.direction == 1).items():
-                    items[f"{n}/{lab}/{k}"] = v
-        if grads is not None:
-            last = (m.num_layers - 1) * d
-            curves = [items[f"{n}/l{m.num_layers - 1}{'_reverse' if j else ''}/gtt"] for j in range(d)]
-            items[f"{n}/gtt"] = torch.stack(curves).pow(2).sum(0).sqrt()
-            lab = f"l{traces[last].layer}"
-            items[f"{n}/gtt/ratio"] = items[f"{n}/{lab}/gtt/ratio"]
-            items[f"{n}/gtt/decay"] = items[f"{n}/{lab}/gtt/decay"]
+        for part in parts:
+            for k, v in part.stats.items():
+                items[f"{n}/{part.label}/{k}"] = v.detach()
+            finite.append(torch.isfinite(part.h.detach()).all())
+            if part.grads is not None:
+                for k, v in stats.through_time(part.grads, part.mask, part.reverse).items():
+                    items[f"{n}/{part.label}/{k}"] = v
+        if parts[-1].grads is not None:
+            top = parts[-(2 if m.bidirectional else 1):]  # the last layer's directions
+            items[f"{n}/gtt"] = torch.stack([items[f"{n}/{p.label}/gtt"] for p in top]).pow(2).sum(0).sqrt()
+            items[f"{n}/gtt/ratio"] = items[f"{n}/{top[0].label}/gtt/ratio"]
+            items[f"{n}/gtt/decay"] = items[f"{n}/{top[0].label}/gtt/decay"]
         self._mark("gates", torch.stack(finite).all())
         return items
 
+    def _general_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:
+        """Any configuration: the step-by-step recurrence, and autograd through it for dL/dh_t."""
+        want_grad = bool(cap.grads)
+        with torch.enable_grad() if want_grad else torch.no_grad():
+            if want_grad:
+                batch = batch._replace(x=batch.x.requires_grad_())
+            traces, finals, steps = self._forward(params, batch, state, want_grad)
+            grads = self._through_time(cap, traces, finals, steps) if want_grad else None
+        parts = []
+        for idx, tr in enumerate(traces):
+            g = None
+            if grads is not None:
+                zero = torch.zeros_like(tr.h[:, 0])
+                g = torch.stack([gt if gt is not None else zero for gt in grads[idx]], 1)  # (S, T, H)
+            parts.append(Part(f"l{tr.layer}" + ("_reverse" if tr.direction else ""), self._trace_stats(tr), tr.h,
+                              g, tr.mask, tr.direction == 1))
+        return parts
+
     def _fast(self, batch: SeqBatch) -> bool:
-        """Whether the fused-kernel path applies (subclasses)."""
+        """Whether the fast path applies (subclasses)."""
         return False
+
+    def _fast_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:
+        """The fast path's parts (subclasses)."""
+        raise NotImplementedError
 
     def _through_time(self, cap: Capture, traces, finals, steps):
         """dL/dh_t for every layer, direction and step, from the output gradients backward caught."""
@@ -376,10 +400,20 @@ class LSTMProbe(RNNProbe):
         # autograd and few ops per step. Bidirectional or packed samples take the general recurrence.
         return not self.module.bidirectional and not batch.packed
 
-    def _fast_internals(self, params, batch, state, grads):
+    def _top_is_output(self, batch: SeqBatch, out: Tensor) -> bool:
+        # The module's output is the top layer's hidden state when no dropout ran below it, and in
+        # the dtype the gates are recomputed in (not under autocast).
+        m = self.module
+        return (self._fast(batch) and (m.num_layers == 1 or m.dropout == 0 or not m.training)
+                and out.dtype == m.weight_hh_l0.dtype)
+
+    def _fast_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:
         h0, c0 = state if state is not None else (None, None)
-        traces, _, _ = lstm_forward_fused(params, self.module, batch, h0, c0)
-        return traces, (lstm_backward_through_time(params, traces, grads, c0) if grads else None)
+        layers = fast.forward(params, self.module, batch.x, h0, c0, top=cap.top)
+        grads = (fast.backward(params, layers, cap.grads.get("out"), cap.grads.get("h_n"), cap.grads.get("c_n"), c0)
+                 if cap.grads else [None] * len(layers))
+        return [Part(f"l{k}", fast.layer_stats(ly), ly.h, g, batch.mask, False)
+                for k, (ly, g) in enumerate(zip(layers, grads))]
 
 
 class GRUProbe(RNNProbe):

@@ -1,0 +1,121 @@
+"""The logging step's fast path (fused kernel, written-out backward) against the general recurrence.
+
+The general path runs the LSTM step by step and takes dL/dh_t from autograd; test_gates and test_grad_stats
+check it against nn.LSTM and an unrolled nn.LSTMCell. Here every statistic and curve of the fast path must
+equal it on the same step, for each configuration the fast path takes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lstmwatch
+from lstmwatch import fast
+from lstmwatch.probes import LSTMProbe
+
+F, H, T, B = 5, 7, 9, 6
+
+CONFIGS = {
+    "one_layer": {},
+    "layers2": {"num_layers": 2},
+    "layers3_batch_first": {"num_layers": 3, "batch_first": True},
+    "proj": {"num_layers": 2, "proj_size": 4},
+    "no_bias": {"num_layers": 2, "bias": False},
+    "dropout_train": {"num_layers": 2, "dropout": 0.5},
+}
+LOSSES = ("last_step", "every_step", "h_n_c_n")
+
+
+def _loss(lstm: nn.LSTM, out, hn, cn, kind: str):
+    out = out if lstm.batch_first or out.dim() == 2 else out.transpose(0, 1)
+    if kind == "last_step":
+        return out[..., -1, :].pow(2).sum()
+    if kind == "every_step":
+        return (out * torch.linspace(-1, 1, out.shape[-2])[:, None]).sum()
+    return hn.sum() + 0.5 * cn.pow(2).sum()
+
+
+def _record(lstm: nn.LSTM, x, state, kind: str, general: bool, monkeypatch, autocast: bool = False):
+    """One logging step of a copy of lstm; the general path when asked."""
+    lstm = copy.deepcopy(lstm)
+    with monkeypatch.context() as mp:
+        if general:
+            mp.setattr(LSTMProbe, "_fast", lambda self, batch: False)
+        torch.manual_seed(3)  # the same dropout mask in both runs
+        with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out, (hn, cn) = lstm(x, state)
+            _loss(lstm, out.float(), hn.float(), cn.float(), kind).backward()
+            return w.step(1.0)
+
+
+def _assert_same(fast_rec, general_rec):
+    assert set(fast_rec.stats) == set(general_rec.stats)
+    for k, v in general_rec.stats.items():
+        assert fast_rec.stats[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert set(fast_rec.curves) == set(general_rec.curves)
+    for k, v in general_rec.curves.items():
+        scale = max(map(abs, v), default=0.0)
+        assert fast_rec.curves[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * scale), k
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("kw", CONFIGS.values(), ids=CONFIGS.keys())
+def test_fast_path_equals_general_recurrence(kw, kind, monkeypatch):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(F, H, **kw)
+    x = 2 * torch.randn(B, T, F) if kw.get("batch_first") else 2 * torch.randn(T, B, F)
+    fast_rec = _record(lstm, x, None, kind, False, monkeypatch)
+    general_rec = _record(lstm, x, None, kind, True, monkeypatch)
+    assert "lstm/gtt" in fast_rec.curves and "lstm/l0/forget/mean" in fast_rec.stats
+    _assert_same(fast_rec, general_rec)
+
+
+def test_fast_path_with_initial_state_and_unbatched_input(monkeypatch):
+    torch.manual_seed(1)
+    lstm = nn.LSTM(F, H, num_layers=2)
+    state = (torch.randn(2, B, H), torch.randn(2, B, H))
+    x = torch.randn(T, B, F)
+    _assert_same(_record(lstm, x, state, "h_n_c_n", False, monkeypatch),
+                 _record(lstm, x, state, "h_n_c_n", True, monkeypatch))
+    one = (state[0][:, 0], state[1][:, 0])
+    _assert_same(_record(lstm, x[:, 0], one, "every_step", False, monkeypatch),
+                 _record(lstm, x[:, 0], one, "every_step", True, monkeypatch))
+
+
+def test_fast_path_under_autocast_recomputes_in_float32(monkeypatch):
+    torch.manual_seed(2)
+    lstm = nn.LSTM(F, H, num_layers=2)
+    x = torch.randn(T, B, F)
+    _assert_same(_record(lstm, x, None, "last_step", False, monkeypatch, autocast=True),
+                 _record(lstm, x, None, "last_step", True, monkeypatch, autocast=True))
+
+
+@pytest.mark.parametrize(
+    "layers, dropout, train, autocast, calls",
+    [
+        (1, 0.0, True, False, 0),  # the output is the only layer's hidden state
+        (3, 0.0, True, False, 2),  # the top layer from the output, the two below from the kernel
+        (2, 0.5, True, False, 2),  # dropout ran below the top layer: its input is not what the recurrence sees
+        (2, 0.5, False, False, 1),  # eval: no dropout
+        (2, 0.0, True, True, 2),  # a bf16 output is not the float32 recurrence
+    ],
+)
+def test_top_layer_comes_from_the_modules_output_when_it_is_the_recurrence(
+        layers, dropout, train, autocast, calls, monkeypatch):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(F, H, num_layers=layers, dropout=dropout).train(train)
+    seen = []
+    kernel = fast._kernel
+    monkeypatch.setattr(fast, "_kernel", lambda *a: seen.append(1) or kernel(*a))
+    with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = lstm(torch.randn(T, B, F))
+        out.float().sum().backward()
+        rec = w.step(1.0)
+    assert len(seen) == calls
+    assert rec.stats[f"lstm/l{layers - 1}/h/absmean"] > 0
