@@ -4,6 +4,7 @@
     python benchmarks/overhead.py             # reference, side by side, logging step vs batch, profile (~5 min)
     python benchmarks/overhead.py --grid      # + how the cost grows with hidden size, length, layers, batch (+3 min)
     python benchmarks/overhead.py --only reference --aa   # the reference, and plain against plain: the noise floor
+    python benchmarks/overhead.py --device cuda   # the same on a GPU: cuDNN's LSTM, each step timed to a synchronize
 
 Reference workload: nn.LSTM(32, 256, num_layers=2, batch_first=True), a linear head on the last step,
 batch 64, 100 timesteps, Adam, 2 CPU threads. Every variant is a copy of one model with identical weights,
@@ -42,12 +43,14 @@ import torch
 from torch import nn
 
 import lstmwatch
+from lstmwatch import fast as lw_fast
 from lstmwatch import probes as lw_probes
 from lstmwatch import stats as lw_stats
 
 lw_watch = importlib.import_module("lstmwatch.watch")  # the module; lstmwatch.watch is the function
 
 LOG_EVERY = 50  # lstmwatch's default
+DEVICE = torch.device("cpu")  # --device
 
 
 # --- workload
@@ -82,7 +85,14 @@ class Config:
 
 def make_data(cfg: Config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(cfg.batch, cfg.seq, cfg.inp, generator=g), torch.randn(cfg.batch, 1, generator=g)
+    x, y = torch.randn(cfg.batch, cfg.seq, cfg.inp, generator=g), torch.randn(cfg.batch, 1, generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
+
+
+def device_sync() -> None:
+    """Wait for the device, so a step's wall time is its own (the benchmark's sync, not lstmwatch's)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 class Variant:
@@ -90,7 +100,7 @@ class Variant:
 
     def __init__(self, name: str, base: nn.Module, data, attach=None, wrap=None, after=None):
         self.name = name
-        self.model = copy.deepcopy(base)
+        self.model = copy.deepcopy(base).to(DEVICE)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.x, self.y = data
         self.watcher = attach(self.model) if attach else None
@@ -106,6 +116,7 @@ class Variant:
         w = self.watcher
         logging = bool(w is not None and w.clock.logging)
         before = self.inside.total if self.inside else 0.0
+        device_sync()
         t0, c0 = time.perf_counter(), time.process_time()
         self.opt.zero_grad(set_to_none=True)
         with self.wrap() if self.wrap else contextlib.nullcontext():
@@ -116,6 +127,7 @@ class Variant:
             w.step(loss)
         if self.after is not None:
             self.after(loss)
+        device_sync()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         if record:
             self.wall.append(wall)
@@ -343,8 +355,10 @@ class HookProfile:
 
     # Probe methods are wrapped in every lstmwatch.probes class that defines them.
     PROBE_METHODS = ["_hook", "_on_forward", "_capture", "_on_out_grad", "_on_h_grad", "_on_grad", "_mark",
-                     "end_step", "collect", "_update_ratio", "_internals", "_forward", "_through_time", "_trace_stats"]
+                     "end_step", "collect", "_update_ratio", "_internals", "_fast_internals", "_general_internals",
+                     "_forward", "_through_time", "_trace_stats"]
     OTHERS = [("Watcher", "step"), ("Watcher", "_add_loss"), ("Watcher", "_log"), ("Watcher", "_call"),
+              ("fast", "forward"), ("fast", "backward"), ("fast", "layer_stats"),
               ("stats", "data_stats"), ("stats", "to_host")]
 
     def __init__(self):
@@ -356,7 +370,8 @@ class HookProfile:
     def install(self) -> HookProfile:
         classes = [c for c in vars(lw_probes).values() if isinstance(c, type) and c.__module__ == lw_probes.__name__]
         targets = [(c, a) for a in self.PROBE_METHODS for c in classes if a in c.__dict__]
-        targets += [(lw_watch.Watcher if o == "Watcher" else lw_stats, a) for o, a in self.OTHERS]
+        owners = {"Watcher": lw_watch.Watcher, "fast": lw_fast, "stats": lw_stats}
+        targets += [(owners[o], a) for o, a in self.OTHERS]
         for owner, attr in targets:
             orig = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
             if not callable(orig):
@@ -491,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="steps per variant in the reference window (default 160, quick 40)")
     ap.add_argument("--block", type=int, default=10, help="steps per interleaved block (default 10)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models train")
     ap.add_argument("--from-step", type=int,
                     help="schedule step the reference window starts at (default 51; quick 81, so it holds step 100)")
     ap.add_argument("--no-compare", action="store_true", help="leave out wandb.watch and detect_anomaly")
@@ -515,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
     quick = args.quick
     steps = args.steps or (40 if quick else 160)
     if args.from_step is None:
@@ -523,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     start_load = load_note()
     other = OtherLoad()
-    print(f"# lstmwatch overhead\n\ntorch {torch.__version__}, {args.threads} threads; at start: {start_load}\n")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{args.threads} threads"
+    print(f"# lstmwatch overhead\n\ntorch {torch.__version__}, {where}; at start: {start_load}\n")
 
     ref_c = None
     if run("reference"):

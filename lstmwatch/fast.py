@@ -10,6 +10,7 @@ autograd graph. Every step is valid, so the statistics need no mask.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,10 @@ def _kernel(p: dict[str, Tensor | None], x: Tensor, h0: Tensor, c0: Tensor) -> T
     """One layer through the op nn.LSTM.forward calls (no dropout, eval, unidirectional, batch first): (S, T, P)."""
     flat = [p["w_ih"], p["w_hh"]] + ([p["b_ih"], p["b_hh"]] if p["b_ih"] is not None else [])
     flat += [p["w_hr"]] if p["w_hr"] is not None else []
-    return torch._VF.lstm(x, (h0[None], c0[None]), flat, p["b_ih"] is not None, 1, 0.0, False, False, True)[0]
+    with warnings.catch_warnings():
+        # cuDNN warns that weights outside one flat buffer get compacted: these are the step's snapshot.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch._VF.lstm(x, (h0[None], c0[None]), flat, p["b_ih"] is not None, 1, 0.0, False, False, True)[0]
 
 
 def forward(params: list[dict[str, Tensor | None]], lstm: nn.LSTM, x: Tensor, h0: Tensor | None = None,

@@ -131,7 +131,15 @@ def to_host(items: dict[str, Tensor]) -> tuple[dict[str, float], dict[str, list[
     if len(devices) > 1:  # statistics of modules on several devices: gather them on the first
         dev = flat[0].device
         flat = [t.to(dev, non_blocking=True) for t in flat]
-    values = torch.cat(flat).tolist()  # the one host sync of a logging step
+    flat = torch.cat(flat)
+    if flat.is_cuda:
+        # One copy into pinned memory queued behind the statistics, then a wait on this stream alone.
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(flat.device).synchronize()
+        values = host.tolist()
+    else:
+        values = flat.tolist()  # the one host sync of a logging step
     stats, curves, pos = {}, {}, 0
     for k, n, t in zip(keys, sizes, (items[k] for k in keys)):
         chunk = values[pos:pos + n]
