@@ -53,7 +53,7 @@ class Part(NamedTuple):
 
     label: str  # 'l0', 'l1_reverse', ...
     stats: dict[str, Tensor]
-    h: Tensor  # (S, T, P)
+    h: Tensor  # (S, T, P), checked for NaN/Inf
     grads: Tensor | None  # (S, T, P) dL/dh_t, None when no gradient reached the outputs
     mask: Tensor  # (S, T) bool
     reverse: bool
@@ -254,8 +254,8 @@ class RNNProbe(Probe):
             hx = hx if isinstance(hx, tuple) else (hx,)
             cap.state = tuple(self._rows_of_state(cap, h).detach() for h in hx)
         out, finals = self._split_output(output)
-        if self._top_is_output(batch, out):
-            cap.top = self._rows_of_out(cap, out).detach()
+        if self._top_is_output(batch, out.data if packed else out):
+            cap.top = self._rows_of_out(cap, out.data if packed else out).detach()
         for key, t in (("out", out.data if packed else out), *finals):
             if t.requires_grad:
                 t.register_hook(partial(self._on_out_grad, cap, key))
@@ -396,9 +396,8 @@ class LSTMProbe(RNNProbe):
         return stats.gate_stats(tr.i, tr.f, tr.g, tr.o, tr.c, tr.h, tr.mask)
 
     def _fast(self, batch: SeqBatch) -> bool:
-        # Unidirectional on full-length sequences: the fused kernel and a written-out backward, with no
-        # autograd and few ops per step. Bidirectional or packed samples take the general recurrence.
-        return not self.module.bidirectional and not batch.packed
+        # Every nn.LSTM: the fused kernel and a written-out backward, with no autograd graph.
+        return True
 
     def _top_is_output(self, batch: SeqBatch, out: Tensor) -> bool:
         # The module's output is the top layer's hidden state when no dropout ran below it, and in
@@ -409,11 +408,19 @@ class LSTMProbe(RNNProbe):
 
     def _fast_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:
         h0, c0 = state if state is not None else (None, None)
-        layers = fast.forward(params, self.module, batch.x, h0, c0, top=cap.top)
-        grads = (fast.backward(params, layers, cap.grads.get("out"), cap.grads.get("h_n"), cap.grads.get("c_n"), c0)
-                 if cap.grads else [None] * len(layers))
-        return [Part(f"l{k}", fast.layer_stats(ly), ly.h, g, batch.mask, False)
-                for k, (ly, g) in enumerate(zip(layers, grads))]
+        steps = fast.Steps.of(batch.mask, full=not batch.packed)
+        layers = fast.forward(params, self.module, batch.x, steps, h0, c0, top=cap.top)
+        g = cap.grads
+        grads = (fast.backward(params, layers, self.module, steps, g.get("out"), g.get("h_n"), g.get("c_n"), c0)
+                 if g else [None] * len(layers))
+        d = 2 if self.module.bidirectional else 1
+        mask = batch.mask if batch.packed else None
+        parts = []
+        for idx, (ly, gr) in enumerate(zip(layers, grads)):
+            k, j = divmod(idx, d)
+            parts.append(Part(f"l{k}" + ("_reverse" if j else ""), fast.layer_stats(ly, mask), ly.h, gr, batch.mask,
+                              j == 1))
+        return parts
 
 
 class GRUProbe(RNNProbe):

@@ -1,8 +1,8 @@
-"""The logging step's fast path (fused kernel, written-out backward) against the general recurrence.
+"""The logging step's recomputation (fused kernel, written-out backward) against the general recurrence.
 
 The general path runs the LSTM step by step and takes dL/dh_t from autograd; test_gates and test_grad_stats
 check it against nn.LSTM and an unrolled nn.LSTMCell. Here every statistic and curve of the fast path must
-equal it on the same step, for each configuration the fast path takes.
+equal it on the same step, for every configuration: layers, directions, projections, packed sequences.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import lstmwatch
 from lstmwatch import fast
@@ -26,12 +27,19 @@ CONFIGS = {
     "proj": {"num_layers": 2, "proj_size": 4},
     "no_bias": {"num_layers": 2, "bias": False},
     "dropout_train": {"num_layers": 2, "dropout": 0.5},
+    "bidir": {"bidirectional": True},
+    "bidir_layers2_proj": {"num_layers": 2, "bidirectional": True, "proj_size": 4},
+    "bidir_layers3_dropout_train": {"num_layers": 3, "bidirectional": True, "dropout": 0.5, "batch_first": True},
 }
+LENGTHS = (9, 3, 7, 1, 9, 5)  # a packed batch, unsorted
 LOSSES = ("last_step", "every_step", "h_n_c_n")
 
 
 def _loss(lstm: nn.LSTM, out, hn, cn, kind: str):
-    out = out if lstm.batch_first or out.dim() == 2 else out.transpose(0, 1)
+    if isinstance(out, PackedSequence):
+        out = pad_packed_sequence(out, batch_first=True)[0]
+    elif not lstm.batch_first and out.dim() == 3:
+        out = out.transpose(0, 1)
     if kind == "last_step":
         return out[..., -1, :].pow(2).sum()
     if kind == "every_step":
@@ -49,7 +57,8 @@ def _record(lstm: nn.LSTM, x, state, kind: str, general: bool, monkeypatch, auto
         with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 out, (hn, cn) = lstm(x, state)
-            _loss(lstm, out.float(), hn.float(), cn.float(), kind).backward()
+            out = out if isinstance(out, PackedSequence) else out.float()
+            _loss(lstm, out, hn.float(), cn.float(), kind).backward()
             return w.step(1.0)
 
 
@@ -73,6 +82,22 @@ def test_fast_path_equals_general_recurrence(kw, kind, monkeypatch):
     general_rec = _record(lstm, x, None, kind, True, monkeypatch)
     assert "lstm/gtt" in fast_rec.curves and "lstm/l0/forget/mean" in fast_rec.stats
     _assert_same(fast_rec, general_rec)
+
+
+@pytest.mark.parametrize("kind", ("every_step", "h_n_c_n"))
+@pytest.mark.parametrize("kw", CONFIGS.values(), ids=CONFIGS.keys())
+def test_fast_path_equals_general_recurrence_on_packed_sequences(kw, kind, monkeypatch):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(F, H, **kw)
+    x = 2 * torch.randn(B, T, F)
+    for r, n in enumerate(LENGTHS):
+        x[r, n:] = 0
+    xin = x if kw.get("batch_first") else x.transpose(0, 1)
+    packed = pack_padded_sequence(xin, torch.tensor(LENGTHS), batch_first=lstm.batch_first, enforce_sorted=False)
+    state = (torch.randn(lstm.num_layers * (2 if lstm.bidirectional else 1), B, lstm.proj_size or H),
+             torch.randn(lstm.num_layers * (2 if lstm.bidirectional else 1), B, H))
+    _assert_same(_record(lstm, packed, state, kind, False, monkeypatch),
+                 _record(lstm, packed, state, kind, True, monkeypatch))
 
 
 def test_fast_path_with_initial_state_and_unbatched_input(monkeypatch):
