@@ -1,13 +1,15 @@
-"""The logging step's recomputation of an nn.LSTM's internals, with the fewest ops per timestep.
+"""The logging step's recomputation of an nn.LSTM's or nn.GRU's internals, with the fewest ops per timestep.
 
-The same internals as `lstm_gates` and the same dL/dh_t as autograd through that recurrence, for every
-configuration (layers, directions, projections, packed sequences), since a loop over time is what a logging
-step spends its time on. Each layer's hidden states come from the fused kernel (the top layer's from the
-module's own output, when the caller has it); every gate of every step then comes from two matmuls, the cell
-state from one addcmul per step, and dL/dh_t from the LSTM's backward recurrence written out, without an
-autograd graph.
+The same internals as `lstm_gates` / `gru_gates` and the same dL/dh_t as autograd through that recurrence, for
+every configuration (layers, directions, projections, packed sequences), since a loop over time is what a
+logging step spends its time on. Each layer's hidden states come from the fused kernel (the top layer's from
+the module's own output, when the caller has it); every gate of every step then comes from two matmuls (the
+LSTM's cell state from one addcmul per step), and dL/dh_t from the backward recurrence written out, without an
+autograd graph. A `Cell` holds what differs between the LSTM and the GRU; the loops over layers and
+directions are shared.
 
-Shapes: S sampled sequences, T steps (padded to the longest), H hidden, P output (proj_size or H), D directions.
+Shapes: S sampled sequences, T steps (padded to the longest), H hidden, P output (proj_size or H), D directions,
+G gates (4 for the LSTM, 3 for the GRU).
 Sequences that end early run on through their padding: the recurrence is causal, so their valid steps are
 exact, and the mask leaves the rest out. A reverse direction runs forward over each sequence reversed within
 its own length (padding stays at the end), so valid steps come first in every direction.
@@ -16,6 +18,7 @@ its own length (padding stays at the end), so valid steps come first in every di
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -25,12 +28,21 @@ from .stats import HIGH, LOW
 
 
 class Layer(NamedTuple):
-    """The internals of one layer-direction, in the order the direction runs (valid steps first)."""
+    """The internals of one LSTM layer-direction, in the order the direction runs (valid steps first)."""
 
     act: Tensor  # (S, T, 4, H): i, f, g, o after their nonlinearity (sigmoid, sigmoid, tanh, sigmoid)
     c: Tensor  # (S, T, H) cell state after each step
     tc: Tensor  # (S, T, H) tanh(c)
     h: Tensor  # (S, T, P) hidden state after each step (projected when proj_size > 0)
+
+
+class GRULayer(NamedTuple):
+    """The internals of one GRU layer-direction, in the order the direction runs (valid steps first)."""
+
+    act: Tensor  # (S, T, 3, H): r, z (sigmoid), n (tanh)
+    ghn: Tensor  # (S, T, H) h_{t-1} W_hn + b_hn: what r scales inside n
+    h_prev: Tensor  # (S, T, H) the state each step starts from
+    h: Tensor  # (S, T, H)
 
 
 class Steps(NamedTuple):
@@ -56,96 +68,101 @@ class Steps(NamedTuple):
         return x.gather(1, self.rev[..., None].expand(-1, -1, x.shape[2]))
 
 
-def _kernel(p: dict[str, Tensor | None], x: Tensor, h0: Tensor, c0: Tensor) -> Tensor:
-    """One layer-direction through the op nn.LSTM.forward calls (no dropout, eval, batch first): (S, T, P)."""
+class Cell(NamedTuple):
+    """What the shared loops need of one recurrence."""
+
+    finals: tuple[str, ...]  # the final states nn.Module returns: ('h_n', 'c_n') or ('h_n',)
+    kernel: Callable  # (p, x, state0) -> h (S, T, P): the fused kernel over one layer-direction
+    layer: Callable  # (p, x, h, state0) -> Layer / GRULayer: every gate from the kernel's h
+    backward: Callable  # (p, layer, e, ec, state0, full) -> dh (S, T, P), dgx (S, T, G * H)
+    stats: Callable  # (layer, mask or None) -> statistics
+
+
+def _sizes(module: nn.RNNBase) -> tuple[int, ...]:
+    """Widths of the initial states: (P, H) for the LSTM, (H,) for the GRU."""
+    if isinstance(module, nn.LSTM):
+        return module.proj_size or module.hidden_size, module.hidden_size
+    return (module.hidden_size,)
+
+
+def _tanh_(x: Tensor) -> Tensor:
+    """tanh in place as 2 sigmoid(2x) - 1: on CPUs the sigmoid is several times faster."""
+    return x.mul_(2).sigmoid_().mul_(2).sub_(1)
+
+
+def _flat(p: dict[str, Tensor | None]) -> list[Tensor]:
     flat = [p["w_ih"], p["w_hh"]] + ([p["b_ih"], p["b_hh"]] if p["b_ih"] is not None else [])
-    flat += [p["w_hr"]] if p["w_hr"] is not None else []
+    return flat + ([p["w_hr"]] if p.get("w_hr") is not None else [])
+
+
+def _run_kernel(op, p: dict[str, Tensor | None], x: Tensor, hx) -> Tensor:
+    """One layer-direction through the op the module's forward calls (no dropout, eval, batch first)."""
     with warnings.catch_warnings():
         # cuDNN warns that weights outside one flat buffer get compacted: these are the step's snapshot.
         warnings.simplefilter("ignore", UserWarning)
-        return torch._VF.lstm(x, (h0[None], c0[None]), flat, p["b_ih"] is not None, 1, 0.0, False, False, True)[0]
+        return op(x, hx, _flat(p), p["b_ih"] is not None, 1, 0.0, False, False, True)[0]
 
 
-def forward(params: list[dict[str, Tensor | None]], lstm: nn.LSTM, x: Tensor, steps: Steps,
-            h0: Tensor | None = None, c0: Tensor | None = None, top: Tensor | None = None) -> list[Layer]:
-    """Every layer-direction's gates, cell and hidden states for x (S, T, F), in h_n's order; not differentiable.
+def forward(cell: Cell, params: list[dict[str, Tensor | None]], module: nn.RNNBase, x: Tensor, steps: Steps,
+            state: tuple[Tensor, ...] | None = None, top: Tensor | None = None) -> list:
+    """Every layer-direction's internals for x (S, T, F), in h_n's order; not differentiable.
 
-    h0 (L * D, S, P), c0 (L * D, S, H): the initial state, zeros when None. top (S, T, D * P): the module's own
-    output for these rows, when it is the top layer's hidden state (no dropout between layers): fewer kernel calls.
+    state: the initial states as the module takes them, (L * D, S, *) each, zeros when None. top (S, T, D * P):
+    the module's own output for these rows, when it is the top layer's hidden state: fewer kernel calls.
     """
-    s, t_len = x.shape[:2]
-    d = 2 if lstm.bidirectional else 1
-    hsize, psize = lstm.hidden_size, lstm.proj_size or lstm.hidden_size
+    s = x.shape[0]
+    d = 2 if module.bidirectional else 1
+    sizes = _sizes(module)
     layers = []
-    for k in range(lstm.num_layers):
+    for k in range(module.num_layers):
         outs = []
         for j in range(d):
             idx = k * d + j
             p = params[idx]
             xin = steps.reverse(x) if j else x
-            h_0 = h0[idx] if h0 is not None else x.new_zeros(s, psize)
-            c_0 = c0[idx] if c0 is not None else x.new_zeros(s, hsize)
-            if top is not None and k == lstm.num_layers - 1:
-                h = top[..., j * psize:(j + 1) * psize]
+            st0 = tuple(state[n][idx] if state is not None else x.new_zeros(s, w) for n, w in enumerate(sizes))
+            if top is not None and k == module.num_layers - 1:
+                h = top[..., j * sizes[0]:(j + 1) * sizes[0]]
                 h = steps.reverse(h) if j else h
             else:
-                h = _kernel(p, xin, h_0, c_0)
-            layers.append(_gates(p, xin, h, h_0, c_0, hsize))
+                h = cell.kernel(p, xin, st0)
+            layers.append(cell.layer(p, xin, h, st0))
             outs.append(steps.reverse(h) if j else h)
         x = outs[0] if d == 1 else torch.cat(outs, 2)
     return layers
 
 
-def _gates(p: dict[str, Tensor | None], x: Tensor, h: Tensor, h_0: Tensor, c_0: Tensor, hsize: int) -> Layer:
-    """Gates and cell states of every step from the layer's input x (S, T, F) and hidden states h (S, T, P)."""
-    s, t_len = x.shape[:2]
-    h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)  # (S, T, P) the state each step starts from
-    z = (x.reshape(s * t_len, -1) @ p["w_ih"].T if p["b_ih"] is None
-         else torch.addmm(p["b_ih"] + p["b_hh"], x.reshape(s * t_len, -1), p["w_ih"].T))
-    z.addmm_(h_prev.reshape(s * t_len, -1), p["w_hh"].T)
-    z = z.view(s, t_len, 4, hsize)
-    z[:, :, 2] *= 2
-    act = z.sigmoid_()  # in place: a fresh buffer this size costs page faults on every logging step
-    act[:, :, 2].mul_(2).sub_(1)  # tanh(x) = 2 sigmoid(2x) - 1: the CPU's sigmoid is several times faster
-    ig, fs = (act[:, :, 0] * act[:, :, 2]).unbind(1), act[:, :, 1].unbind(1)
-    cs, cc = [], c_0
-    for t in range(t_len):
-        cc = torch.addcmul(ig[t], fs[t], cc)
-        cs.append(cc)
-    c = torch.stack(cs, 1)
-    return Layer(act, c, (2 * c).sigmoid_().mul_(2).sub_(1), h)
-
-
-def backward(params: list[dict[str, Tensor | None]], layers: list[Layer], lstm: nn.LSTM, steps: Steps,
-             g_out: Tensor | None, g_hn: Tensor | None = None, g_cn: Tensor | None = None,
-             c0: Tensor | None = None) -> list[Tensor]:
+def backward(cell: Cell, params: list[dict[str, Tensor | None]], layers: list, module: nn.RNNBase, steps: Steps,
+             g_out: Tensor | None, g_finals: tuple[Tensor | None, ...] = (),
+             state: tuple[Tensor, ...] | None = None) -> list[Tensor]:
     """dL/dh_t of every layer-direction and step, in real time: through the head and all later steps.
 
-    g_out (S, T, D * P), g_hn (L * D, S, P), g_cn (L * D, S, H): the gradients backward brought to the outputs.
-    Returns per layer-direction (S, T, P); zero past each sequence's end, where e is zero.
+    g_out (S, T, D * P), g_finals: the gradients of h_n (and c_n), (L * D, S, *), that backward brought to the
+    outputs. Returns per layer-direction (S, T, P); zero past each sequence's end, where e is zero.
     """
-    d = 2 if lstm.bidirectional else 1
+    d = 2 if module.bidirectional else 1
     top = layers[-1].h
     s, t_len, psize = top.shape
     ext = g_out.to(top.dtype) if g_out is not None else top.new_zeros(s, t_len, d * psize)  # into the top layer
+    g_hn, g_cn = (tuple(g_finals) + (None, None))[:2]
     out: list[Tensor] = [top] * len(layers)
-    for k in reversed(range(lstm.num_layers)):
+    for k in reversed(range(module.num_layers)):
         below = None
         for j in range(d):
             idx = k * d + j
             e = ext[..., j * psize:(j + 1) * psize]
             e = steps.reverse(e) if j else e
             # h_n and c_n are the states after each sequence's last valid step.
-            ec = None
             if g_hn is not None:
                 e = _at_last(e, steps, g_hn[idx].to(e.dtype))
+            ec = None
             if g_cn is not None:
                 ec = _at_last(torch.zeros_like(layers[idx].c), steps, g_cn[idx].to(e.dtype))
-            c_0 = c0[idx] if c0 is not None else None
-            dh, dz = _backward_direction(params[idx], layers[idx], e, ec, c_0, full=steps.last is None)
+            st0 = tuple(t[idx] for t in state) if state is not None else None
+            dh, dgx = cell.backward(params[idx], layers[idx], e, ec, st0, steps.last is None)
             out[idx] = steps.reverse(dh) if j else dh
             if k > 0:
-                into = dz @ params[idx]["w_ih"]  # (S, T, D * P) into the layer below
+                into = dgx @ params[idx]["w_ih"]  # (S, T, D * P) into the layer below
                 into = steps.reverse(into) if j else into
                 below = into if below is None else below + into
         ext = below
@@ -161,8 +178,36 @@ def _at_last(e: Tensor, steps: Steps, g: Tensor) -> Tensor:
     return e.scatter_add(1, steps.last[..., None].expand(-1, 1, e.shape[2]), g[:, None])
 
 
-def _backward_direction(p: dict[str, Tensor | None], layer: Layer, e: Tensor, ec: Tensor | None,
-                        c_0: Tensor | None, full: bool) -> tuple[Tensor, Tensor]:
+# --- the LSTM
+
+
+def _lstm_kernel(p: dict[str, Tensor | None], x: Tensor, st0: tuple[Tensor, ...]) -> Tensor:
+    return _run_kernel(torch._VF.lstm, p, x, (st0[0][None], st0[1][None]))
+
+
+def _lstm_layer(p: dict[str, Tensor | None], x: Tensor, h: Tensor, st0: tuple[Tensor, ...]) -> Layer:
+    """Gates and cell states of every step from the layer's input x (S, T, F) and hidden states h (S, T, P)."""
+    (h_0, c_0), hsize = st0, st0[1].shape[-1]
+    s, t_len = x.shape[:2]
+    h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)  # (S, T, P) the state each step starts from
+    z = (x.reshape(s * t_len, -1) @ p["w_ih"].T if p["b_ih"] is None
+         else torch.addmm(p["b_ih"] + p["b_hh"], x.reshape(s * t_len, -1), p["w_ih"].T))
+    z.addmm_(h_prev.reshape(s * t_len, -1), p["w_hh"].T)
+    act = z.view(s, t_len, 4, hsize)
+    act[:, :, 2] *= 2
+    act.sigmoid_()  # in place: a fresh buffer this size costs page faults on every logging step
+    act[:, :, 2].mul_(2).sub_(1)  # tanh(x) = 2 sigmoid(2x) - 1
+    ig, fs = (act[:, :, 0] * act[:, :, 2]).unbind(1), act[:, :, 1].unbind(1)
+    cs, cc = [], c_0
+    for t in range(t_len):
+        cc = torch.addcmul(ig[t], fs[t], cc)
+        cs.append(cc)
+    c = torch.stack(cs, 1)
+    return Layer(act, c, _tanh_(c.clone()), h)
+
+
+def _lstm_backward(p: dict[str, Tensor | None], layer: Layer, e: Tensor, ec: Tensor | None,
+                   st0: tuple[Tensor, ...] | None, full: bool) -> tuple[Tensor, Tensor]:
     """The LSTM's backward recurrence over one layer-direction, from the recomputed gates.
 
     e (S, T, P): dL/dh_t from outside the recurrence; ec (S, T, H): dL/dc_t from outside (c_n), or None.
@@ -173,7 +218,7 @@ def _backward_direction(p: dict[str, Tensor | None], layer: Layer, e: Tensor, ec
     act, c, tc, _ = layer
     s, t_len, _, hsize = act.shape
     i, f, g, o = act.unbind(2)
-    c_first = c_0[:, None] if c_0 is not None else c.new_zeros(s, 1, hsize)
+    c_first = st0[1][:, None] if st0 is not None else c.new_zeros(s, 1, hsize)
     # dz_t = [dc, dc, dc, dm] * b_t: the slope of each gate times what multiplies it.
     b = torch.stack([g, torch.cat([c_first, c[:, :-1]], 1), i, tc], 2)
     slope = (1 - act).mul_(act)  # sigmoid'
@@ -199,9 +244,8 @@ def _backward_direction(p: dict[str, Tensor | None], layer: Layer, e: Tensor, ec
     return torch.stack(dhs, 1), torch.stack(dzs, 1)
 
 
-def layer_stats(layer: Layer, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """stats.gate_stats of one layer-direction: a few passes over (S, T, 4, H); mask (S, T) or None if all valid."""
-    act, c, tc, h = layer
+def _summer(act: Tensor, h: Tensor, mask: Tensor | None):
+    """(n, nh, total): the counts of valid gate and hidden values, and a sum over valid steps of (S, T, ...)."""
     if mask is None:
         n, nh = act.shape[0] * act.shape[1] * act.shape[3], h.numel()
 
@@ -215,20 +259,95 @@ def layer_stats(layer: Layer, mask: Tensor | None = None) -> dict[str, Tensor]:
             # Over valid steps only: x (S, T, ...) weighted by the mask.
             w = m.view(*m.shape, *([1] * (x.dim() - 2)))
             return (x * w).sum(dims) if dims is not None else (x * w).sum()
+    return n, nh, total
 
+
+def _gate_stats(act: Tensor, h: Tensor, mask: Tensor | None, sigmoids: tuple[tuple[int, str], ...],
+                tanh: tuple[int, str]):
+    """Mean and saturation of every gate of act (S, T, G, H) and of h; also (n, total) for a cell's own."""
+    n, nh, total = _summer(act, h, mask)
     dims = (0, 1, 3)
-    mean = total(act, dims) / n  # (4,)
+    mean = total(act, dims) / n  # (G,)
     left = total(act < LOW, dims) / n
     right = total(act > HIGH, dims) / n
     out = {}
-    for k, gate in ((0, "input"), (1, "forget"), (3, "output")):
+    for k, gate in sigmoids:
         out[f"{gate}/mean"], out[f"{gate}/sat_left"], out[f"{gate}/sat_right"] = mean[k], left[k], right[k]
-    out["cell/mean"] = mean[2]
-    out["cell/sat"] = right[2] + total(act[:, :, 2] < -HIGH) / n
-    out["c/sat"] = total(tc.abs() > HIGH) / n
-    ca, ha = c.abs(), h.abs()
-    out["c/absmean"] = total(ca) / n
-    out["c/absmax"] = ca.amax() if mask is None else (ca * mask[..., None]).amax()
+    k, gate = tanh
+    out[f"{gate}/mean"] = mean[k]
+    out[f"{gate}/sat"] = right[k] + total(act[:, :, k] < -HIGH) / n
+    ha = h.abs()
     out["h/sat"] = total(ha > HIGH) / nh
     out["h/absmean"] = total(ha) / nh
+    return out, n, total
+
+
+def _lstm_stats(layer: Layer, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """stats.gate_stats of one layer-direction: a few passes over (S, T, 4, H); mask (S, T) or None if all valid."""
+    act, c, tc, h = layer
+    out, n, total = _gate_stats(act, h, mask, ((0, "input"), (1, "forget"), (3, "output")), (2, "cell"))
+    out["c/sat"] = total(tc.abs() > HIGH) / n
+    ca = c.abs()
+    out["c/absmean"] = total(ca) / n
+    out["c/absmax"] = ca.amax() if mask is None else (ca * mask[..., None]).amax()
     return out
+
+
+# --- the GRU
+
+
+def _gru_kernel(p: dict[str, Tensor | None], x: Tensor, st0: tuple[Tensor, ...]) -> Tensor:
+    return _run_kernel(torch._VF.gru, p, x, st0[0][None])
+
+
+def _gru_layer(p: dict[str, Tensor | None], x: Tensor, h: Tensor, st0: tuple[Tensor, ...]) -> GRULayer:
+    """r, z and n of every step from the layer's input x (S, T, F) and hidden states h (S, T, H)."""
+    h_0 = st0[0]
+    s, t_len, hsize = h.shape
+    h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)
+    gx = x.reshape(s * t_len, -1) @ p["w_ih"].T  # (S * T, 3H)
+    gh = h_prev.reshape(s * t_len, -1) @ p["w_hh"].T
+    if p["b_ih"] is not None:
+        gx += p["b_ih"]
+        gh += p["b_hh"]
+    act, gh = gx.view(s, t_len, 3, hsize), gh.view(s, t_len, 3, hsize)  # act: gx, in place
+    act[:, :, :2].add_(gh[:, :, :2]).sigmoid_()  # r, z
+    act[:, :, 2] = _tanh_(torch.addcmul(act[:, :, 2], act[:, :, 0], gh[:, :, 2]))  # n = tanh(gx_n + r gh_n)
+    return GRULayer(act, gh[:, :, 2], h_prev, h)
+
+
+def _gru_backward(p: dict[str, Tensor | None], layer: GRULayer, e: Tensor, ec: Tensor | None,
+                  st0: tuple[Tensor, ...] | None, full: bool) -> tuple[Tensor, Tensor]:
+    """The GRU's backward recurrence over one layer-direction, from the recomputed gates.
+
+    h_t = (1 - z) n + z h_{t-1};  n = tanh(gx_n + r gh_n);  gh = h_{t-1} W_hh + b_hh.
+      dh_{t-1} = e_{t-1} + dh_t z_t + dgh_t W_hh;  dgh_t = [dh, dh, dh] * bh_t;  dgx_t = [dh, dh, dh] * bx_t,
+      bx = [(1-z)(1-n^2) gh_n r(1-r), (h_{t-1} - n) z(1-z), (1-z)(1-n^2)], bh = bx with its n part times r.
+    Returns dh (S, T, H) and dgx (S, T, 3H).
+    """
+    act, ghn, h_prev, _ = layer
+    s, t_len, _, hsize = act.shape
+    r, z, n = act.unbind(2)
+    dn = (1 - z) * (1 - n * n)
+    bx = torch.stack([dn * ghn * r * (1 - r), (h_prev - n) * z * (1 - z), dn], 2)  # (S, T, 3, H)
+    bh = bx.clone()
+    bh[:, :, 2] *= r
+    bs, zs, es = bh.view(s, t_len, 3 * hsize).unbind(1), z.unbind(1), e.unbind(1)
+    whh = p["w_hh"]
+    dhs = [es[0]] * t_len
+    dh = dgh = None
+    for t in range(t_len - 1, -1, -1):
+        dh = es[t] if dh is None else torch.addmm(torch.addcmul(es[t], dh, zs[t + 1]), dgh, whh)
+        dgh = torch.cat([dh, dh, dh], 1).mul_(bs[t])
+        dhs[t] = dh
+    dh_all = torch.stack(dhs, 1)
+    return dh_all, (bx * dh_all[:, :, None]).view(s, t_len, 3 * hsize)
+
+
+def _gru_stats(layer: GRULayer, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """stats.gru_gate_stats of one layer-direction: a few passes over (S, T, 3, H)."""
+    return _gate_stats(layer.act, layer.h, mask, ((0, "reset"), (1, "update")), (2, "new"))[0]
+
+
+LSTM = Cell(("h_n", "c_n"), _lstm_kernel, _lstm_layer, _lstm_backward, _lstm_stats)
+GRU = Cell(("h_n",), _gru_kernel, _gru_layer, _gru_backward, _gru_stats)

@@ -262,8 +262,11 @@ class RNNProbe(Probe):
         return cap
 
     def _top_is_output(self, batch: SeqBatch, out: Tensor) -> bool:
-        """Whether the output is the top layer's hidden state, as the fast path recomputes it (subclasses)."""
-        return False
+        """Whether the output is the top layer's hidden state as the recomputation runs it: no dropout ran
+        below it, and it is in the dtype the gates are recomputed in (not under autocast)."""
+        m = self.module
+        return (self._fast(batch) and (m.num_layers == 1 or m.dropout == 0 or not m.training)
+                and out.dtype == m.weight_hh_l0.dtype)
 
     @staticmethod
     def _rows_of_state(cap: Capture, h: Tensor) -> Tensor:
@@ -350,12 +353,21 @@ class RNNProbe(Probe):
         return parts
 
     def _fast(self, batch: SeqBatch) -> bool:
-        """Whether the fast path applies (subclasses)."""
-        return False
+        """Whether the fast recomputation (lstmwatch.fast) runs; the general one otherwise."""
+        return True
 
     def _fast_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:
-        """The fast path's parts (subclasses)."""
-        raise NotImplementedError
+        """The fused kernel per layer-direction, gates in a few matmuls, the backward recurrence written out."""
+        m, cell = self.module, self.cell
+        steps = fast.Steps.of(batch.mask, full=not batch.packed)
+        layers = fast.forward(cell, params, m, batch.x, steps, state, top=cap.top)
+        g = cap.grads
+        grads = (fast.backward(cell, params, layers, m, steps, g.get("out"), tuple(g.get(k) for k in cell.finals),
+                               state) if g else [None] * len(layers))
+        d = 2 if m.bidirectional else 1
+        mask = batch.mask if batch.packed else None
+        return [Part(f"l{idx // d}" + ("_reverse" if idx % d else ""), cell.stats(ly, mask), ly.h, gr, batch.mask,
+                     idx % d == 1) for idx, (ly, gr) in enumerate(zip(layers, grads))]
 
     def _through_time(self, cap: Capture, traces, finals, steps):
         """dL/dh_t for every layer, direction and step, from the output gradients backward caught."""
@@ -382,6 +394,7 @@ class LSTMProbe(RNNProbe):
 
     gates = ("input", "forget", "cell", "output")
     kind = "lstm"
+    cell = fast.LSTM
 
     def _split_output(self, output):
         out, (h_n, c_n) = output
@@ -395,39 +408,13 @@ class LSTMProbe(RNNProbe):
     def _trace_stats(self, tr):
         return stats.gate_stats(tr.i, tr.f, tr.g, tr.o, tr.c, tr.h, tr.mask)
 
-    def _fast(self, batch: SeqBatch) -> bool:
-        # Every nn.LSTM: the fused kernel and a written-out backward, with no autograd graph.
-        return True
-
-    def _top_is_output(self, batch: SeqBatch, out: Tensor) -> bool:
-        # The module's output is the top layer's hidden state when no dropout ran below it, and in
-        # the dtype the gates are recomputed in (not under autocast).
-        m = self.module
-        return (self._fast(batch) and (m.num_layers == 1 or m.dropout == 0 or not m.training)
-                and out.dtype == m.weight_hh_l0.dtype)
-
-    def _fast_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:
-        h0, c0 = state if state is not None else (None, None)
-        steps = fast.Steps.of(batch.mask, full=not batch.packed)
-        layers = fast.forward(params, self.module, batch.x, steps, h0, c0, top=cap.top)
-        g = cap.grads
-        grads = (fast.backward(params, layers, self.module, steps, g.get("out"), g.get("h_n"), g.get("c_n"), c0)
-                 if g else [None] * len(layers))
-        d = 2 if self.module.bidirectional else 1
-        mask = batch.mask if batch.packed else None
-        parts = []
-        for idx, (ly, gr) in enumerate(zip(layers, grads)):
-            k, j = divmod(idx, d)
-            parts.append(Part(f"l{k}" + ("_reverse" if j else ""), fast.layer_stats(ly, mask), ly.h, gr, batch.mask,
-                              j == 1))
-        return parts
-
 
 class GRUProbe(RNNProbe):
     """nn.GRU: gates r, z, n."""
 
     gates = ("reset", "update", "new")
     kind = "gru"
+    cell = fast.GRU
 
     def _split_output(self, output):
         out, h_n = output

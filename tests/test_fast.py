@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import lstmwatch
 from lstmwatch import fast
-from lstmwatch.probes import LSTMProbe
+from lstmwatch.probes import RNNProbe
 
 F, H, T, B = 5, 7, 9, 6
 
@@ -44,7 +44,7 @@ def _loss(lstm: nn.LSTM, out, hn, cn, kind: str):
         return out[..., -1, :].pow(2).sum()
     if kind == "every_step":
         return (out * torch.linspace(-1, 1, out.shape[-2])[:, None]).sum()
-    return hn.sum() + 0.5 * cn.pow(2).sum()
+    return hn.sum() + (0.5 * cn.pow(2).sum() if cn is not None else 0)
 
 
 def _record(lstm: nn.LSTM, x, state, kind: str, general: bool, monkeypatch, autocast: bool = False):
@@ -52,13 +52,14 @@ def _record(lstm: nn.LSTM, x, state, kind: str, general: bool, monkeypatch, auto
     lstm = copy.deepcopy(lstm)
     with monkeypatch.context() as mp:
         if general:
-            mp.setattr(LSTMProbe, "_fast", lambda self, batch: False)
+            mp.setattr(RNNProbe, "_fast", lambda self, batch: False)
         torch.manual_seed(3)  # the same dropout mask in both runs
         with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out, (hn, cn) = lstm(x, state)
+                out, hn = lstm(x, state)
+                hn, cn = hn if isinstance(lstm, nn.LSTM) else (hn, None)
             out = out if isinstance(out, PackedSequence) else out.float()
-            _loss(lstm, out, hn.float(), cn.float(), kind).backward()
+            _loss(lstm, out, hn.float(), cn.float() if cn is not None else None, kind).backward()
             return w.step(1.0)
 
 
@@ -135,8 +136,8 @@ def test_top_layer_comes_from_the_modules_output_when_it_is_the_recurrence(
     torch.manual_seed(0)
     lstm = nn.LSTM(F, H, num_layers=layers, dropout=dropout).train(train)
     seen = []
-    kernel = fast._kernel
-    monkeypatch.setattr(fast, "_kernel", lambda *a: seen.append(1) or kernel(*a))
+    kernel = fast._run_kernel
+    monkeypatch.setattr(fast, "_run_kernel", lambda *a: seen.append(1) or kernel(*a))
     with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, _ = lstm(torch.randn(T, B, F))
@@ -144,3 +145,28 @@ def test_top_layer_comes_from_the_modules_output_when_it_is_the_recurrence(
         rec = w.step(1.0)
     assert len(seen) == calls
     assert rec.stats[f"lstm/l{layers - 1}/h/absmean"] > 0
+
+
+GRU_CONFIGS = {
+    "one_layer": {},
+    "layers2_batch_first": {"num_layers": 2, "batch_first": True},
+    "bidir_layers2": {"num_layers": 2, "bidirectional": True},
+    "no_bias_bidir": {"bias": False, "bidirectional": True},
+    "dropout_train": {"num_layers": 2, "dropout": 0.5},
+}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["tensor", "packed"])
+@pytest.mark.parametrize("kind", ("last_step", "every_step", "h_n_c_n"))
+@pytest.mark.parametrize("kw", GRU_CONFIGS.values(), ids=GRU_CONFIGS.keys())
+def test_gru_fast_path_equals_general_recurrence(kw, kind, packed, monkeypatch):
+    torch.manual_seed(0)
+    gru = nn.GRU(F, H, **kw)
+    x = 2 * torch.randn(B, T, F)
+    xin = x if gru.batch_first else x.transpose(0, 1)
+    if packed:
+        xin = pack_padded_sequence(xin, torch.tensor(LENGTHS), batch_first=gru.batch_first, enforce_sorted=False)
+    state = torch.randn(gru.num_layers * (2 if gru.bidirectional else 1), B, H)
+    fast_rec = _record(gru, xin, state, kind, False, monkeypatch)
+    assert "gru/gtt" in fast_rec.curves and "gru/l0/update/mean" in fast_rec.stats
+    _assert_same(fast_rec, _record(gru, xin, state, kind, True, monkeypatch))
