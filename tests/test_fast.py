@@ -170,3 +170,17 @@ def test_gru_fast_path_equals_general_recurrence(kw, kind, packed, monkeypatch):
     fast_rec = _record(gru, xin, state, kind, False, monkeypatch)
     assert "gru/gtt" in fast_rec.curves and "gru/l0/update/mean" in fast_rec.stats
     _assert_same(fast_rec, _record(gru, xin, state, kind, True, monkeypatch))
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((1, B, F), torch.float32), ((T, 1, F), torch.float32), ((T, B, F), torch.float64)],
+    ids=["one_step", "one_sequence", "float64"],
+)
+def test_fast_path_on_edge_shapes(rnn, shape, dtype, monkeypatch):
+    torch.manual_seed(4)
+    module = rnn(F, H, num_layers=2, bidirectional=True).to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    _assert_same(_record(module, x, None, "every_step", False, monkeypatch),
+                 _record(module, x, None, "every_step", True, monkeypatch))
