@@ -331,8 +331,27 @@ class RNNProbe(Probe):
             items[f"{n}/gtt"] = torch.stack([items[f"{n}/{p.label}/gtt"] for p in top]).pow(2).sum(0).sqrt()
             items[f"{n}/gtt/ratio"] = items[f"{n}/{top[0].label}/gtt/ratio"]
             items[f"{n}/gtt/decay"] = items[f"{n}/{top[0].label}/gtt/decay"]
+            items[f"{n}/gtt/gain"] = self._gain(cap, items[f"{n}/{top[0].label}/gtt"][0], top[0])
         self._mark("gates", torch.stack(finite).all())
         return items
+
+    def _gain(self, cap: Capture, first: Tensor, part: Part) -> Tensor:
+        """|dL/dh| at the first step of the top layer's forward direction over all the gradient the loss put
+        into that direction, step by step and at its final states: at most about 1 when gradients do not
+        grow back through time, whatever the loss reads (for a loss on the last step, the first-to-last ratio).
+        NaN when the loss puts nothing in."""
+        psize = part.grads.shape[-1]
+        put = first.new_zeros(())
+        g_out = cap.grads.get("out")
+        if g_out is not None:
+            e = g_out[..., :psize].detach().to(first.dtype)  # (S, T, P) the forward direction's part
+            put = put + (e.pow(2).sum(-1) * part.mask).sum(0).sqrt().sum()
+        idx = (self.module.num_layers - 1) * (2 if self.module.bidirectional else 1)
+        for key in self.cell.finals:  # h_n, c_n of that layer-direction
+            g = cap.grads.get(key)
+            if g is not None:
+                put = put + g[idx].detach().to(first.dtype).pow(2).sum().sqrt()
+        return torch.where(put > 0, first / put.clamp_min(1e-30), math.nan)
 
     def _general_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:
         """Any configuration: the step-by-step recurrence, and autograd through it for dL/dh_t."""
@@ -353,7 +372,11 @@ class RNNProbe(Probe):
         return parts
 
     def _fast(self, batch: SeqBatch) -> bool:
-        """Whether the fast recomputation (lstmwatch.fast) runs; the general one otherwise."""
+        """Whether the fast recomputation (lstmwatch.fast) runs, as it does for every configuration.
+
+        The general one (the step-by-step recurrence of lstmwatch.gates, and autograd through it) is the
+        reference tests/test_fast.py holds it to, and what a probe for another recurrence can start from.
+        """
         return True
 
     def _fast_internals(self, params, batch: SeqBatch, state, cap: Capture) -> list[Part]:

@@ -93,18 +93,22 @@ def gru_gate_stats(r: Tensor, z: Tensor, n: Tensor, h: Tensor, mask: Tensor) -> 
 
 
 def through_time(grads: Tensor, mask: Tensor, reverse: bool) -> dict[str, Tensor]:
-    """Gradient through time from dL/dh_t (B, T, H): the curve, first-to-last ratio, decay per step.
+    """Gradient through time from dL/dh_t (B, T, H): the curve, first-to-last ratio (NaN when the last
+    step got no gradient), decay per step.
 
     'First' is the step the recurrence processed first (t=0 forward, the last valid step in
     reverse): its gradient travelled furthest back, so the ratio measures the memory horizon.
     """
-    per = grads.detach().float().pow(2).sum(-1) * mask  # (B, T) squared norms
+    g = grads.detach()
+    per = g.to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum(-1) * mask  # (B, T) squared norms
     curve = per.sum(0).sqrt()  # (T,)
     lengths = mask.sum(1)  # (B,)
     b = torch.arange(per.shape[0], device=per.device)
     end = (lengths - 1).clamp_min(0)
     first, last = (per[b, end], per[:, 0]) if reverse else (per[:, 0], per[b, end])
-    ratio = first.sum().sqrt() / last.sum().sqrt().clamp_min(1e-30)
+    last = last.sum().sqrt()
+    # No gradient at the last step (a direction or layer the loss reaches elsewhere): no ratio.
+    ratio = torch.where(last > 0, first.sum().sqrt() / last.clamp_min(1e-30), math.nan)
     span = (lengths.float().mean() - 1).clamp_min(1)
     decay = torch.log10(ratio.clamp_min(1e-30)) / span
     return {"gtt": curve, "gtt/ratio": ratio, "gtt/decay": decay}

@@ -486,10 +486,15 @@ def test_exploding_gradient_update_ratio_and_through_time():
     f = FAULTS["exploding_gradient"]
     assert f.play("b")[0].step == 1  # an optimizer step 5x the weights is an explosion on its own
     assert f.play("b" * 5, ExplodingGradient(max_update_ratio=10.0)) == []
-    tt = [rec(s, over={f"{M}/l0/gtt/ratio": 1e3}) for s in log_steps(5)]
+    tt = [rec(s, over={f"{M}/gtt/gain": 1e3}) for s in log_steps(5)]
     e = feed(ExplodingGradient(), tt)
     assert kinds(e) == ["exploding_gradient"] and "grows back through time" in e[0].message
     assert feed(ExplodingGradient(through_time=1e4), tt) == []
+    # A lower layer or a reverse direction gets its gradient all along the sequence, or at its first step:
+    # its first-to-last ratio says nothing of growth, and neither does a gain with nothing put in.
+    quiet = [rec(s, over={f"{M}/l0/gtt/ratio": 1e29, f"{M}/l0_reverse/gtt/ratio": 1e5, f"{M}/gtt/gain": math.nan})
+             for s in log_steps(5)]
+    assert feed(ExplodingGradient(), quiet) == []
 
 
 def test_vanishing_across_layers_threshold_and_patience():

@@ -5,7 +5,9 @@ from __future__ import annotations
 from functools import cache
 
 import pytest
+import torch
 
+import lstmwatch
 import lstmwatch.scenarios as S
 
 # Steps each fault run needs: the first logging step after the fault shows (records at 1, 2, 4, 8, 16, 32, 50, ...),
@@ -103,3 +105,40 @@ def test_a_persistent_fault_is_raised_once_in_a_longer_run():
 def test_a_learning_rate_too_low_is_raised_once():
     w = run("lr_too_low", 60)
     assert [e.step for e in w.events if e.kind == "stalled_loss"] == [4]
+
+
+READS = {
+    # Where the loss reads the recurrence decides where dL/dh enters: only the top layer's forward direction
+    # on a loss at the last step says anything of growth back through time.
+    "bidirectional, last step": (torch.nn.LSTM, {"bidirectional": True}, "last"),
+    "bidirectional 2 layers, h_n": (torch.nn.LSTM, {"num_layers": 2, "bidirectional": True}, "h_n"),
+    "3 layers, every step": (torch.nn.LSTM, {"num_layers": 3}, "every"),
+    "GRU bidirectional, h_n": (torch.nn.GRU, {"bidirectional": True}, "h_n"),
+}
+
+
+@pytest.mark.parametrize("rnn, kw, read", READS.values(), ids=READS.keys())
+def test_healthy_architectures_read_anywhere_stay_silent(rnn, kw, read):
+    torch.manual_seed(0)
+    model = rnn(4, 16, batch_first=True, **kw)
+    d = 2 if model.bidirectional else 1
+    head = torch.nn.Linear(d * 16 if read != "h_n" else 16, 1)
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
+    with lstmwatch.watch(model, log_every=5, console=False) as w:
+        for _ in range(120):
+            x = torch.randn(16, 20, 4)
+            y = x[..., 0].cumsum(1)[..., None] / 20 ** 0.5  # (16, 20, 1) a running sum to remember
+            out, state = model(x)
+            h_n = state[0] if isinstance(state, tuple) else state
+            if read == "last":
+                loss = (head(out[:, -1]) - y[:, -1]).pow(2).mean()
+            elif read == "h_n":
+                loss = (head(h_n[-1]) - y[:, -1]).pow(2).mean()
+            else:
+                loss = (head(out) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss)
+    assert w.records[-1].loss < 0.7 * w.records[0].loss  # it learns
+    assert [e for e in w.events if e.severity != "info"] == []

@@ -305,6 +305,9 @@ def test_gradient_through_time_matches_unrolled_cell(case):
         assert_curve(rec.curves[key], curve, key)
     if not case.bidir and not case.lengths:
         assert rec.stats["lstm/gtt/ratio"] == pytest.approx(combined[0] / combined[-1], rel=1e-4)
+    if not case.bidir and case.loss in ("last_step", "h_n"):
+        # All the gradient the loss puts in enters at the last step: the gain is the first-to-last ratio.
+        assert rec.stats["lstm/gtt/gain"] == pytest.approx(combined[0] / combined[-1], rel=1e-4)
 
 
 # --- input data

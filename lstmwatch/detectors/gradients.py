@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from statistics import median
 
 from ..events import Event, Record
-from .base import Detector, LossTrend, finite, fmt, layer_norms, layers, max_update_ratio
+from .base import Detector, LossTrend, finite, fmt, layer_norms, max_update_ratio
 
 CLIP_HINT = ("clip the gradient norm before the optimizer step, "
              "`torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)`, "
@@ -20,7 +20,8 @@ class ExplodingGradient(Detector):
     threshold: a jump of the global gradient norm over the median of the last `window` records that counts,
     when the same step also moved the weights by more than `min_update_ratio` of their norm or raised the loss.
     max_update_ratio: an optimizer step this large relative to the weights is an explosion on its own.
-    through_time: dL/dh at the first step over dL/dh at the last; healthy LSTMs stay below ~10.
+    through_time: dL/dh at the first step of the top layer over all the gradient the loss put in along the
+    sequence (for a loss on the last step: over dL/dh at the last); healthy LSTMs stay at about 1 or below.
     """
 
     kind = "exploding_gradient"
@@ -55,12 +56,11 @@ class ExplodingGradient(Detector):
             found.append((m, f"one optimizer step changed the weights by {fmt(ratio)} times their norm "
                           f"(threshold {self.max_update_ratio:g}; healthy is about 1e-3)", ratio))
         for m in record.modules:
-            for lab in layers(record, m):
-                r = s.get(f"{m}/{lab}/gtt/ratio")
-                if finite(r) and r > self.through_time:
-                    found.append((m, f"the gradient grows back through time: dL/dh at the first step is {fmt(r)}x "
-                                  f"that at the last in layer {lab} (threshold {self.through_time:g}x)", r))
-                    break
+            r = s.get(f"{m}/gtt/gain")
+            if finite(r) and r > self.through_time:
+                found.append((m, f"the gradient grows back through time: dL/dh at the first step is {fmt(r)}x "
+                              f"all the gradient the loss put in along the sequence (threshold "
+                              f"{self.through_time:g}x; healthy is at most about 1)", r))
         if finite(g) and g > 0:
             self.history.append(g)
         if finite(loss):
