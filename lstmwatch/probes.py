@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import fast, stats
@@ -59,7 +60,7 @@ class Part(NamedTuple):
     reverse: bool
 
 
-_LABEL = re.compile(r"_(l\d+(?:_reverse)?)$")
+_LABEL = re.compile(r"_(l\d+(?:_reverse)?)(?:\.original\d*)?$")  # also parametrizations.weight_hh_l0.original0
 
 
 class Probe:
@@ -77,11 +78,19 @@ class Probe:
         self.labels = {p: self._label(p) for p in self.params}
         self._gsq: dict[str, Tensor] = {}  # param -> (blocks,) squared norms of its accumulated gradient
         self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
-        self._weights: dict[str, Tensor] | None = None  # a logging step's weights, before the optimizer step
+        self._weights: dict[str, Tensor] | None = None  # a logging step's parameters, before the optimizer step
+        self._forward_weights: dict[str, Tensor] = {}  # the weights its forward read, by the names forward reads
         self.handles = [module.register_forward_hook(self._hook, with_kwargs=True)]
         for pname, p in self.params.items():
             if p.requires_grad:
                 self.handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, pname)))
+
+    def _weight_names(self) -> list[str]:
+        """The names of the weights the module's forward reads."""
+        m = self.module
+        if isinstance(m, nn.RNNBase):
+            return list(m._flat_weights_names)
+        return [n for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if hasattr(m, n)]
 
     def _label(self, pname: str) -> str:
         """The layer-direction a parameter belongs to ('l0', 'l1_reverse')."""
@@ -122,6 +131,10 @@ class Probe:
             return
         if self.clock.logging and self._weights is None:
             self._weights = {n: p.detach().clone() for n, p in self.params.items()}
+            self._forward_weights = self._weights
+            if parametrize.is_parametrized(module):  # weight_norm and the like: forward reads computed weights
+                self._forward_weights = {n: getattr(module, n).detach().clone() for n in self._weight_names()
+                                         if getattr(module, n, None) is not None}
         self._on_forward(args, kwargs, output)
 
     def _on_forward(self, args, kwargs, output) -> None:
@@ -159,7 +172,7 @@ class Probe:
     def end_step(self) -> None:
         """Forget what this step captured."""
         self._gsq = {}
-        self._weights = None
+        self._weights, self._forward_weights = None, {}
 
     def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Device statistics of this step, and the few values the host already knows.
@@ -302,13 +315,13 @@ class RNNProbe(Probe):
 
     def _internals(self, step: int) -> dict[str, Tensor]:
         """Recompute the sample's gates with the weights it ran with, and its gradient through time."""
-        cap, weights = self._cap, self._weights
+        cap, weights = self._cap, self._forward_weights
         if cap is None:
             return {}
         n, m = self.name, self.module
         items: dict[str, Tensor] = {f"{n}/data/{k}": v for k, v in
                                     stats.data_stats(cap.batch.x, cap.batch.mask, cap.batch.packed).items()}
-        dtype = weights[next(iter(self.params))].dtype
+        dtype = next(iter(weights.values())).dtype
         batch = cap.batch._replace(x=cap.batch.x.to(dtype))
         state = tuple(s.to(dtype) for s in cap.state) if cap.state is not None else None
         params = rnn_params(m, weights)
@@ -507,7 +520,7 @@ class CellProbe(Probe):
         """Gates of every captured call at once, with the weights of the forward; gradient through time."""
         if not self._calls or self._weights is None:
             return {}
-        n, w = self.name, self._weights
+        n, w = self.name, self._forward_weights
         dtype = w["weight_ih"].dtype
         x = torch.stack([c[0] for c in self._calls], 1).to(dtype)  # (S, T, F)
         h = torch.stack([c[1] for c in self._calls], 1).to(dtype)  # (S, T, H) state entering each call

@@ -82,7 +82,9 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
     if not isinstance(model, nn.Module):
         raise TypeError(f"lstmwatch.watch needs an nn.Module, got {type(model).__name__}")
     root = unwrap(model)
-    found = [(name or type(m).__name__.lower(), m) for name, m in root.named_modules() if probe_for(m)]
+    # The root is named by its type; weight_norm and other parametrizations subclass it as Parametrized<Type>.
+    found = [(name or type(m).__name__.lower().removeprefix("parametrized"), m)
+             for name, m in root.named_modules() if probe_for(m)]
     if not found:
         kinds = sorted({type(m).__name__ for m in root.modules()})
         raise ValueError(f"no nn.LSTM, nn.GRU, nn.LSTMCell or nn.GRUCell found in {type(root).__name__}; "
@@ -250,9 +252,12 @@ class Watcher:
         items: dict[str, Tensor] = {}
         host: dict[str, float] = {}
         for p in self.probes:
-            i, h = p.collect(s)
-            items.update(i)
-            host.update(h)
+            got = self._call(p, "collect", s)
+            if got is None:  # it failed: _call said so once; its hooks go too
+                p.remove()
+                continue
+            items.update(got[0])
+            host.update(got[1])
         norms = [items[k] for p in self.probes if (k := f"{p.name}/grad_norm") in items]
         if norms:
             dev = norms[0].device
@@ -284,7 +289,7 @@ class Watcher:
         return record
 
     def _call(self, obj: Any, method: str, *args: Any) -> Any:
-        """Call a detector or sink; one that fails is reported once and switched off, training goes on."""
+        """Call a probe, detector or sink; one that fails is reported once and switched off, training goes on."""
         if id(obj) in self._failed or not hasattr(obj, method):
             return None
         try:

@@ -390,3 +390,46 @@ def test_training_is_bit_identical_with_and_without_watch():
         assert torch.equal(a, b), name
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, watched_losses))
     assert torch.equal(plain_rng, watched_rng)
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_parametrized_weights_are_read_as_the_forward_reads_them(rnn):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    plain = rnn(3, 8, num_layers=2)
+    normed = weight_norm(rnn(3, 8, num_layers=2), "weight_hh_l1")
+    with torch.no_grad():  # the same weights as the forward computes them
+        for name, _ in plain.named_parameters():
+            getattr(plain, name).copy_(getattr(normed, name))
+    x = torch.randn(6, 4, 3)
+    recs = []
+    for model in (plain, normed):
+        with lstmwatch.watch(model, log_every=1, console=False) as w:
+            model(x)[0].pow(2).sum().backward()
+            recs.append(w.step(1.0))
+    name = rnn.__name__.lower()
+    assert recs[1].modules == (name,)
+    gate = "forget" if rnn is nn.LSTM else "update"
+    for key in (f"{name}/l1/{gate}/mean", f"{name}/l0/h/absmean", f"{name}/gtt/ratio"):
+        assert recs[1].stats[key] == pytest.approx(recs[0].stats[key], rel=1e-5), key
+    # Its parameters are the parametrization's: their gradients count in layer 1's norm.
+    assert {k for k in recs[1].stats if "original" in k} == {
+        f"{name}/parametrizations.weight_hh_l1.original{i}/grad_norm" for i in (0, 1)}
+    assert recs[1].stats[f"{name}/l1/grad_norm"] > 0
+
+
+def test_a_probe_that_fails_is_reported_once_and_switched_off(monkeypatch):
+    from lstmwatch.probes import LSTMProbe
+
+    model = nn.LSTM(3, 8)
+    w = lstmwatch.watch(model, log_every=1, console=False)
+    monkeypatch.setattr(LSTMProbe, "_internals", lambda self, step: 1 / 0)
+    with pytest.warns(lstmwatch.LSTMWatchFailure, match="ZeroDivisionError"):
+        model(torch.randn(5, 2, 3))[0].sum().backward()
+        rec = w.step(1.0)  # training goes on, with what the other parts measured
+    assert rec.loss == 1.0 and "lstm/grad_norm" not in rec.stats
+    assert not model._forward_hooks and all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    model(torch.randn(5, 2, 3))[0].sum().backward()
+    assert w.step(1.0).loss == 1.0  # no second warning (pytest turns one into an error)
+    w.close()
