@@ -17,10 +17,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import fast, stats
-from .gates import SeqBatch, as_batch, gru_forward, lstm_forward, rnn_params
+from .gates import SeqBatch, gru_forward, lstm_forward, rnn_params
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Clock:
 class Capture:
     """What a logging step's forward kept: a sample of the batch, and where its gradients come from."""
 
-    batch: SeqBatch  # sampled rows, (S, T, F)
+    batch: SeqBatch | None  # sampled rows, (S, T, F)
     index: Tensor  # (S,) sampled rows of the batch (length-sorted order if packed), on its device
     state: tuple[Tensor, ...] | None  # sampled initial state(s), (L * D, S, H)
     grads: dict[str, Tensor]  # 'out', 'h_n', 'c_n' -> sampled output gradients, filled in backward
@@ -46,6 +46,7 @@ class Capture:
     order: Tensor | None  # sorted_indices of a packed input: caller's rows in that order
     transposed: bool  # output is (T, B, ...)
     unbatched: bool
+    gather: tuple[Tensor, Tensor] | None = None  # packed: (S, T) where each sampled row's steps lie, and valid
     top: Tensor | None = None  # (S, T, P) the module's output rows, when they are the top layer's hidden state
 
 
@@ -249,25 +250,41 @@ class RNNProbe(Probe):
             self._cap = self._capture(x, hx, output)
 
     def _capture(self, x, hx, output) -> Capture:
-        # A packed batch stays in its length-sorted order: restoring the caller's would read
-        # unsorted_indices back from the device. Rows, states and gradients all follow that order.
-        batch = as_batch(self.module, x, sorted_order=True)
+        # Only the sampled rows are gathered, so the cost is the sample's, whatever the batch. A packed batch
+        # stays in its length-sorted order: restoring the caller's would read unsorted_indices back from the
+        # device. Rows, states and gradients all follow that order.
         packed = isinstance(x, PackedSequence)
-        order = x.sorted_indices if packed else None
-        b = batch.x.shape[0]
+        m = self.module
+        unbatched = not packed and x.dim() == 2
+        if packed:
+            b, t_len = int(x.batch_sizes[0]), len(x.batch_sizes)  # batch_sizes lives on the host
+        else:
+            b, t_len = (x.unsqueeze(0) if unbatched else x if m.batch_first else x.transpose(0, 1)).shape[:2]
         s = min(self.clock.sample, b)
         # lstmwatch's own generator: the global RNG, and so training, is untouched.
         rows = torch.randperm(b, generator=self.clock.generator)[:s].sort().values
-        index = rows.to(batch.x.device, non_blocking=True)
-        sampled = SeqBatch(batch.x[index].detach(), batch.mask[index], batch.lengths[rows], batch.packed,
-                           batch.unbatched)
-        cap = Capture(sampled, index, None, {}, x.batch_sizes if packed else None, order,
-                      not self.module.batch_first, batch.unbatched)
+        index = rows.to(x.data.device if packed else x.device, non_blocking=True)
+        gather = None
+        if packed:
+            valid = rows[:, None] < x.batch_sizes[None, :]  # (S, T) on the host
+            # Row r of step t lies at data[offset_t + r] while r < batch_sizes[t].
+            offsets = torch.cumsum(x.batch_sizes, 0) - x.batch_sizes
+            at = torch.where(valid, offsets[None, :] + rows[:, None], 0)
+            dev = x.data.device
+            gather = (at.to(dev, non_blocking=True), valid.to(dev, non_blocking=True))
+            lengths = valid.sum(1)
+        else:
+            lengths = torch.full((s,), t_len, dtype=torch.long)
+        cap = Capture(None, index, None, {}, x.batch_sizes if packed else None, x.sorted_indices if packed else None,
+                      not m.batch_first, unbatched, gather=gather)
+        data = self._rows_of_out(cap, x.data if packed else x).detach()  # (S, T, F)
+        mask = gather[1] if packed else torch.ones(s, t_len, dtype=torch.bool, device=data.device)
+        cap.batch = SeqBatch(data, mask, lengths, packed, unbatched)
         if hx is not None:
             hx = hx if isinstance(hx, tuple) else (hx,)
             cap.state = tuple(self._rows_of_state(cap, h).detach() for h in hx)
         out, finals = self._split_output(output)
-        if self._top_is_output(batch, out.data if packed else out):
+        if self._top_is_output(cap.batch, out.data if packed else out):
             cap.top = self._rows_of_out(cap, out.data if packed else out).detach()
         for key, t in (("out", out.data if packed else out), *finals):
             if t.requires_grad:
@@ -292,9 +309,10 @@ class RNNProbe(Probe):
     @staticmethod
     def _rows_of_out(cap: Capture, out: Tensor) -> Tensor:
         """The sampled rows of an output-shaped tensor (its packed data, or padded), batch first: (S, T, D * P)."""
-        if cap.batch_sizes is not None:
-            out = pad_packed_sequence(PackedSequence(out, cap.batch_sizes), batch_first=True)[0]
-        elif cap.unbatched:
+        if cap.gather is not None:  # packed data (N, X): the sampled rows' entries, zero past each row's end
+            at, valid = cap.gather
+            return torch.where(valid[..., None], out[at], out.new_zeros(()))
+        if cap.unbatched:
             out = out.unsqueeze(0)
         elif cap.transposed:
             out = out.transpose(0, 1)

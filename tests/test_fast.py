@@ -184,3 +184,26 @@ def test_fast_path_on_edge_shapes(rnn, shape, dtype, monkeypatch):
     x = torch.randn(*shape, dtype=dtype)
     _assert_same(_record(module, x, None, "every_step", False, monkeypatch),
                  _record(module, x, None, "every_step", True, monkeypatch))
+
+
+def test_a_packed_batch_is_never_padded_whole(monkeypatch):
+    # The sampled rows are gathered from the packed data: the cost is the sample's, whatever the batch.
+    import sys
+
+    import torch.nn.utils.rnn as rnn_utils
+
+    calls = []
+    pad = rnn_utils.pad_packed_sequence
+    counted = lambda *a, **k: calls.append(1) or pad(*a, **k)  # noqa: E731
+    for mod in [rnn_utils] + [m for n, m in sys.modules.items() if n.startswith("lstmwatch")]:
+        if hasattr(mod, "pad_packed_sequence"):
+            monkeypatch.setattr(mod, "pad_packed_sequence", counted)
+    torch.manual_seed(0)
+    lstm = nn.LSTM(F, H, num_layers=2, bidirectional=True)
+    lengths = torch.randint(1, T + 1, (64,))
+    packed = pack_padded_sequence(torch.randn(T, 64, F), lengths, enforce_sorted=False)
+    with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
+        out, (hn, cn) = lstm(packed)
+        (out.data.sum() + hn.sum()).backward()
+        rec = w.step(1.0)
+    assert calls == [] and rec.stats["lstm/l1_reverse/forget/mean"] > 0
