@@ -583,9 +583,10 @@ def test_diverging_loss_threshold_patience_and_spike():
     assert e[0].step == 32 and e[0].module == "" and "diverging" in e[0].message  # second record above
     assert f.play("b" * 10, DivergingLoss(threshold=20.0)) == []
     assert f.play("b" * 10, DivergingLoss(patience=4))[0].step == 100
-    spike = [rec(s, v) for s, v in zip(log_steps(6), [1.0, 0.8, 0.6, 0.5, 50.0, 0.5])]
-    assert feed(DivergingLoss(), spike)[0].step == 16  # one record far above: at once
-    assert feed(DivergingLoss(spike=1000.0), spike) == []
+    # A record of 50 steps far above (the loss is smoothed over the last 50 steps): at once.
+    spike = [rec(s, v) for s, v in zip(log_steps(10), [1.0, 0.8, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 50.0, 0.5])]
+    assert feed(DivergingLoss(), spike)[0].step == 150
+    assert feed(DivergingLoss(spike=1000.0), spike) == []  # and back at once: no divergence
 
 
 def test_diverging_loss_rising_without_bound_is_raised_only_when_clearly_worse():

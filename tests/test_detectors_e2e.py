@@ -142,3 +142,25 @@ def test_healthy_architectures_read_anywhere_stay_silent(rnn, kw, read):
             w.step(loss)
     assert w.records[-1].loss < 0.7 * w.records[0].loss  # it learns
     assert [e for e in w.events if e.severity != "info"] == []
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_every_step_on_small_noisy_batches_stays_silent(batch):
+    # Records every step carry one small batch's loss: the loss detectors smooth it over 50 steps.
+    torch.manual_seed(0)
+    lstm, head = torch.nn.LSTM(4, 16, batch_first=True), torch.nn.Linear(16, 1)
+    opt = torch.optim.Adam([*lstm.parameters(), *head.parameters()], lr=1e-3)
+    losses = []
+    with lstmwatch.watch(lstm, log_every=1, console=False) as w:
+        for step in range(300):
+            g = torch.Generator().manual_seed(1000 + step)
+            x = torch.randn(batch, 20, 4, generator=g)
+            y = x[..., 0].mean(1) * 20 ** 0.5
+            loss = ((head(lstm(x)[0]).mean(1).squeeze(-1) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss)
+            losses.append(loss.item())
+    assert sum(losses[-50:]) < 0.8 * sum(losses[:50])  # it learns
+    assert [e for e in w.events if e.severity != "info"] == []

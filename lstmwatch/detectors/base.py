@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
 from collections.abc import Iterable
 
 from ..events import Event, Record, Severity
@@ -59,13 +60,16 @@ class LossTrend:
     """The training loss seen through the records: its starting level, best and latest smoothed values.
 
     The starting level is the mean loss over the first `start_steps` steps (each record's mean loss
-    weighted by the steps it covers), so one lucky first batch does not set it. After a non-finite loss
-    the trend stops: what follows is the non-finite detector's.
+    weighted by the steps it covers), so a few lucky first batches do not set it. The latest value is the
+    mean over the last `smooth_steps` steps or more (whole records), so records every step on small noisy
+    batches read like records every 50; the best is the lowest such value. After a non-finite loss the
+    trend stops: what follows is the non-finite detector's.
     """
 
-    def __init__(self, start_steps: int = 8, sign: float = 1.0):
-        self.start_steps, self.sign = start_steps, sign
+    def __init__(self, start_steps: int = 50, sign: float = 1.0, smooth_steps: int = 50):
+        self.start_steps, self.sign, self.smooth_steps = start_steps, sign, smooth_steps
         self._sum = self._covered = 0.0
+        self._recent: deque[tuple[int, float]] = deque()  # (steps covered, mean loss) of the latest records
         self.level0: float | None = None
         self.best: float | None = None
         self.latest: float | None = None
@@ -87,8 +91,11 @@ class LossTrend:
             self._sum += v * span
             self._covered += span
             self.level0 = self._sum / self._covered
-        self.best = v if self.best is None else min(self.best, v)
-        self.latest = v
+        self._recent.append((span, v))
+        while len(self._recent) > 1 and sum(n for n, _ in self._recent) - self._recent[0][0] >= self.smooth_steps:
+            self._recent.popleft()  # the newer records cover the window without it
+        self.latest = sum(n * x for n, x in self._recent) / sum(n for n, _ in self._recent)
+        self.best = self.latest if self.best is None else min(self.best, self.latest)
 
     def improvement(self) -> float | None:
         """Relative improvement of the latest loss over the starting level (0.1 = 10% lower)."""

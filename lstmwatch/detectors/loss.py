@@ -50,7 +50,8 @@ class StalledLoss(Detector):
         stalled = (n_tiny >= self.tiny_patience
                    or (flat and typical is not None and typical < self.low_update and record.step >= self.low_patience)
                    or (flat and record.step >= self.patience))
-        if not self.latch.check("", stalled, 1.0, present=flat):
+        # Cleared only once clearly learning: a loss that hovers at the threshold is raised once.
+        if not self.latch.check("", stalled, 1.0, present=imp < 2 * self.min_delta):
             return
         change = f"{'improved' if imp >= 0 else 'worsened'} {abs(100 * imp):.1f}%"
         msg = (f"after {record.step} steps the loss ({fmt(self.trend.latest * self.trend.sign)}) has {change} from "
@@ -99,7 +100,8 @@ class DivergingLoss(Detector):
         if best_before is None or t.level0 is None:
             return
         scale = max(t.level0 - best_before, abs(t.level0) / 2, 1e-12)
-        rise = (v * t.sign - best_before) / scale
+        v = t.latest * t.sign  # smoothed as the best was: one bad small batch is not a divergence
+        rise = (t.latest - best_before) / scale
         n = self.streak.update("run", rise > self.threshold, record.step)
         active = n >= self.patience or rise > self.spike
         if self.latch.check("", active, max(rise, 1.0), present=rise > self.threshold):
