@@ -72,17 +72,11 @@ class Cell(NamedTuple):
     """What the shared loops need of one recurrence."""
 
     finals: tuple[str, ...]  # the final states nn.Module returns: ('h_n', 'c_n') or ('h_n',)
+    sizes: Callable  # module -> widths of those states: (P, H) for the LSTM, (H,) for the GRU
     kernel: Callable  # (p, x, state0) -> h (S, T, P): the fused kernel over one layer-direction
     layer: Callable  # (p, x, h, state0) -> Layer / GRULayer: every gate from the kernel's h
     backward: Callable  # (p, layer, e, ec, state0, full) -> dh (S, T, P), dgx (S, T, G * H)
     stats: Callable  # (layer, mask or None) -> statistics
-
-
-def _sizes(module: nn.RNNBase) -> tuple[int, ...]:
-    """Widths of the initial states: (P, H) for the LSTM, (H,) for the GRU."""
-    if isinstance(module, nn.LSTM):
-        return module.proj_size or module.hidden_size, module.hidden_size
-    return (module.hidden_size,)
 
 
 def _tanh_(x: Tensor) -> Tensor:
@@ -112,7 +106,7 @@ def forward(cell: Cell, params: list[dict[str, Tensor | None]], module: nn.RNNBa
     """
     s = x.shape[0]
     d = 2 if module.bidirectional else 1
-    sizes = _sizes(module)
+    sizes = cell.sizes(module)
     layers = []
     for k in range(module.num_layers):
         outs = []
@@ -349,5 +343,6 @@ def _gru_stats(layer: GRULayer, mask: Tensor | None = None) -> dict[str, Tensor]
     return _gate_stats(layer.act, layer.h, mask, ((0, "reset"), (1, "update")), (2, "new"))[0]
 
 
-LSTM = Cell(("h_n", "c_n"), _lstm_kernel, _lstm_layer, _lstm_backward, _lstm_stats)
-GRU = Cell(("h_n",), _gru_kernel, _gru_layer, _gru_backward, _gru_stats)
+LSTM = Cell(("h_n", "c_n"), lambda m: (m.proj_size or m.hidden_size, m.hidden_size), _lstm_kernel, _lstm_layer,
+            _lstm_backward, _lstm_stats)
+GRU = Cell(("h_n",), lambda m: (m.hidden_size,), _gru_kernel, _gru_layer, _gru_backward, _gru_stats)

@@ -271,19 +271,25 @@ def _loss(ax: Any, recs: Sequence[Record], first: list[Event], multi: bool) -> N
     ax.set_ylabel("loss")
 
 
-def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+def _per_layer(ax: Any, recs: Sequence[Record], mods: list[str], stat: str) -> int:
+    """One line per module and layer-direction of `{m}/{lab}/{stat}`; how many were drawn."""
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"]
     lines = 0
     for m in mods:
-        labs = _layers(recs, m, "grad_norm")
+        labs = _layers(recs, m, stat)
         for lab in labs:
-            xs, ys = _series(recs, f"{m}/{lab}/grad_norm", positive=True)
+            xs, ys = _series(recs, f"{m}/{lab}/{stat}", positive=True)
             if _any(ys):
                 ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, label=_name(m, lab, len(mods) > 1),
                         **_layer_style(labs, lab, cmap))
                 lines += 1
+    return lines
+
+
+def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+    lines = _per_layer(ax, recs, mods, "grad_norm")
     drew = lines > 0
     xs, ys = _series(recs, "grad_norm", positive=True)
     good = sorted(y for y in ys if not math.isnan(y))
@@ -436,19 +442,8 @@ def _inputs(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
 
 
 def _update_ratio(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
     ax.axhspan(1e-4, 1e-2, color=HEALTHY, alpha=0.07, lw=0)
-    drew = False
-    for m in mods:
-        labs = _layers(recs, m, "update_ratio")
-        for lab in labs:
-            xs, ys = _series(recs, f"{m}/{lab}/update_ratio", positive=True)
-            if _any(ys):
-                ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, label=_name(m, lab, len(mods) > 1),
-                        **_layer_style(labs, lab, cmap))
-                drew = True
+    drew = _per_layer(ax, recs, mods, "update_ratio") > 0
     ax.set_yscale("log")
     if drew:
         lo, hi = ax.get_ylim()
