@@ -1,28 +1,13 @@
-"""Records, events, and the typed warnings that carry events to people."""
+"""Events, and the typed warnings that carry events to people."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .record import Record  # noqa: F401 - lstmwatch.events.Record, as before
+
 Severity = Literal["info", "warning", "error"]
-
-
-@dataclass
-class Record:
-    """What one logging step measured: plain floats, no tensors."""
-
-    step: int
-    loss: float | None  # the loss passed to this step
-    stats: dict[str, float]  # 'module/l0/forget/sat_right' -> value; keys without '/' are run-wide
-    curves: dict[str, list[float]] = field(default_factory=dict)  # 'module/gtt' -> per-timestep norms
-    val_loss: float | None = None
-    modules: tuple[str, ...] = ()
-
-    def of(self, module: str) -> dict[str, float]:
-        """The statistics of one module, keys without the module prefix."""
-        p = module + "/"
-        return {k[len(p):]: v for k, v in self.stats.items() if k.startswith(p)}
 
 
 @dataclass(frozen=True)
@@ -35,6 +20,11 @@ class Event:
     module: str  # qualified name of the LSTM, or "" for the whole model
     message: str  # what was measured, against which threshold, and what it means
     hint: str  # the concrete remedy
+    # Where it happened inside the module: a non-finite site ('data', 'gates', 'loss', 'grad/<param>'),
+    # a layer ('l0') or a gate of one ('l0/forget'); '' for the module or the run as a whole.
+    where: str = ""
+    # What was measured, by name ('ratio', 'threshold', ...): for programs; `message` is for people.
+    values: dict[str, float] = field(default_factory=dict, hash=False)
 
     def __str__(self) -> str:
         where = f" · {self.module}" if self.module else ""

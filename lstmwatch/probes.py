@@ -21,17 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import fast, stats
 from .gates import SeqBatch, gru_forward, lstm_forward, rnn_params
-
-
-@dataclass
-class Clock:
-    """What hooks need to know of the run; written by the Watcher only."""
-
-    step: int = 1  # the step in progress (1-based)
-    logging: bool = True  # whether the step in progress is a logging step
-    sample: int = 8
-    generator: torch.Generator | None = None
-    scaler: object | None = None  # a torch.amp.GradScaler whose scale divides the gradients
+from .schedule import Clock
 
 
 @dataclass

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from . import stats
 from ._frames import user_frame
 from .events import Event, LSTMWatchFailure, LSTMWatchWarning, Record
-from .probes import Clock, Probe, probe_for
+from .probes import Probe, probe_for
+from .schedule import Clock, Schedule
 from .sinks.console import user_stacklevel
 
-Schedule = Callable[[int], bool]
 ModuleFilter = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
 # Every open watcher, by the modules it watches: a second watch() closes the first
@@ -31,20 +31,6 @@ _OPEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watcher]] = weakref.Weak
 def _open_watcher(module: nn.Module) -> Watcher | None:
     ref = _OPEN.get(module)
     return ref() if ref is not None else None
-
-
-def schedule(log_every: int | Schedule) -> Schedule:
-    """A `step -> bool` logging schedule: dense at the start (1, 2, 4, 8, ...), then every `log_every`."""
-    if callable(log_every):
-        return log_every
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"log_every must be an int >= 1 or a step -> bool callable, got {log_every!r}")
-
-    def every(step: int) -> bool:
-        # Powers of two below log_every catch a fault present from initialization at once.
-        return step % log_every == 0 or (step < log_every and step & (step - 1) == 0)
-
-    return every
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -123,9 +109,7 @@ class Watcher:
             raise ValueError(f"sample must be >= 1, got {sample}")
         found = find_modules(model, modules)
         self.log_every, self.sample = log_every, sample
-        self._schedule = schedule(log_every)
-        gen = torch.Generator().manual_seed(seed)
-        self.clock = Clock(step=1, logging=bool(self._schedule(1)), sample=sample, generator=gen, scaler=scaler)
+        self.clock = Clock.start(log_every, sample, torch.Generator().manual_seed(seed), scaler)
         for _, m in found:
             prev = _open_watcher(m)
             if prev is not None and not prev.closed:
@@ -189,8 +173,7 @@ class Watcher:
             record = self._log(s, val_loss)
         for p in self.probes:
             p.end_step()
-        self.clock.step = s + 1
-        self.clock.logging = bool(self._schedule(s + 1))
+        self.clock.advance()
         return record
 
     def close(self) -> None:

@@ -97,12 +97,17 @@ def test_warning_for_carries_the_event():
 
 
 def test_event_is_a_frozen_dataclass_with_the_contract_fields():
-    assert [f.name for f in dataclasses.fields(Event)] == ["step", "kind", "severity", "module", "message", "hint"]
+    # The first six in this order (positional construction); where and values carry structure for programs.
+    assert [f.name for f in dataclasses.fields(Event)] == ["step", "kind", "severity", "module", "message", "hint",
+                                                           "where", "values"]
     e = Event(8, "stalled_loss", "warning", "", "the loss is flat.", "raise the learning rate.")
     with pytest.raises(dataclasses.FrozenInstanceError):
         e.step = 9
     assert e == Event(8, "stalled_loss", "warning", "", "the loss is flat.", "raise the learning rate.")
     assert hash(e) == hash(Event(8, "stalled_loss", "warning", "", "the loss is flat.", "raise the learning rate."))
+    measured = Event(8, "stalled_loss", "warning", "", "flat.", "raise it.", where="", values={"improvement": 0.01})
+    assert hash(measured) == hash(Event(8, "stalled_loss", "warning", "", "flat.", "raise it."))
+    assert measured != Event(8, "stalled_loss", "warning", "", "flat.", "raise it.")
 
 
 def test_event_text():

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 import lstmwatch
 from lstmwatch import probes, stats
-from lstmwatch.watch import schedule
+from lstmwatch.schedule import schedule
 
 PKG = os.path.dirname(os.path.abspath(lstmwatch.__file__)) + os.sep
 HOST = "_lstmwatch_test_host"  # attribute marking a host tensor

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lstmwatch
-from lstmwatch.watch import schedule
+from lstmwatch.schedule import schedule
 
 F, H = 3, 6
 
