@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 import lstmwatch
-from lstmwatch import fast as lw_fast
 from lstmwatch import probes as lw_probes
+from lstmwatch import recurrence as lw_fast
 from lstmwatch import stats as lw_stats
 
 lw_watch = importlib.import_module("lstmwatch.watch")  # the module; lstmwatch.watch is the function

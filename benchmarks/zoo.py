@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lstmwatch import scenarios
+from lstmwatch.demo import scenarios
 
 
 def score(sc: scenarios.Scenario, watcher) -> tuple[str, dict[str, int], int | None]:

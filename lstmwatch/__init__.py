@@ -1,5 +1,11 @@
 """lstmwatch: tells you why your PyTorch LSTM is not learning, while it trains."""
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from . import remedies
 from .events import (
     DivergingLossWarning,
     Event,
@@ -13,34 +19,38 @@ from .events import (
     NotUpdatedWarning,
     OverfittingWarning,
     PaddingWarning,
-    Record,
     StalledLossWarning,
     UnnormalizedInputWarning,
     VanishingGradientWarning,
 )
 from .gates import GateTrace, GRUTrace, gru_gates, lstm_gates
+from .record import Record
+from .version import __version__
 from .watch import Watcher, watch
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from .run import Run
 
 
-def load(path):  # noqa: ANN001, ANN201 - typed in lstmwatch.runlog
-    """Read a run log written with watch(..., log_dir=...): a Run with header, records and events."""
+def load(path: str | os.PathLike[str]) -> Run:
+    """Read a run log written with watch(..., log_dir=...) (or a folder's newest): a Run with header, records
+    and events."""
     from .runlog import load as _load
 
     return _load(path)
 
 
-def plot(run):  # noqa: ANN001, ANN201 - typed in lstmwatch.report.plot
+def plot(run: Any) -> Any:
     """One matplotlib Figure of a Run, a Watcher or a run log path (needs the [plots] extra)."""
-    from .report.plot import plot as _plot
+    from .report import plot as _plot
 
     return _plot(run)
+
 
 __all__ = [
     "watch", "Watcher", "lstm_gates", "gru_gates", "GateTrace", "GRUTrace", "Event", "Record",
     "LSTMWatchWarning", "LSTMWatchFailure", "ExplodingGradientWarning", "VanishingGradientWarning",
     "NoGradientWarning", "NotUpdatedWarning", "StalledLossWarning", "DivergingLossWarning", "NonFiniteWarning",
     "GateSaturationWarning", "HiddenSaturationWarning", "UnnormalizedInputWarning", "PaddingWarning",
-    "OverfittingWarning", "load", "plot", "__version__",
+    "OverfittingWarning", "load", "plot", "remedies", "__version__",
 ]

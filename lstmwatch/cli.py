@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+from .errors import UsageError
+from .run import Run
+
+__all__ = ["USAGE_ERROR", "UsageError", "find_log", "main", "parser", "read"]
 
 USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """A bad argument or an unreadable file: one line for the person, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return f"lstmwatch {__version__}"
 
@@ -118,23 +118,23 @@ COMMANDS = {"demo": _demo, "report": _report, "summary": _summary}
 # --- reading run logs
 
 def find_log(path: str) -> str:
-    """The run log a path names: the file itself, or the newest .jsonl in a folder."""
+    """The run log a path names: the file itself, or a folder's newest (the rule lstmwatch.load follows)."""
     if os.path.isdir(path):
-        logs = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl")]
-        logs = [f for f in logs if os.path.isfile(f)]
+        from .runlog.reader import run_logs
+
+        logs = run_logs(path)
         if not logs:
             raise UsageError(f"no run log (.jsonl) in the folder {path}")
-        newest = max(logs, key=os.path.getmtime)
+        newest = logs[-1]
         if len(logs) > 1:
-            print(f"lstmwatch: reading the newest of {len(logs)} run logs in {path}: {os.path.basename(newest)}",
-                  file=sys.stderr)
-        return newest
+            print(f"lstmwatch: reading the newest of {len(logs)} run logs in {path}: {newest.name}", file=sys.stderr)
+        return os.path.join(path, newest.name)
     return path
 
 
-def read(path: str) -> Any:
+def read(path: str) -> Run:
     """lstmwatch.load(path), with every way a file can be wrong turned into one UsageError line."""
-    from .runlog import load
+    from .runlog.reader import load
 
     try:
         return load(path)

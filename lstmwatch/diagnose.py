@@ -39,24 +39,28 @@ class Finding:
 
     @property
     def kind(self) -> str:
+        """The root cause's kind."""
         return self.cause.kind
 
     @property
     def module(self) -> str:
+        """The module of the root cause ('' for the whole run)."""
         return self.cause.module
 
 
 def _explains(cause: Event, effect: Event) -> bool:
+    """Whether `cause` can explain `effect`: by their kinds, places and steps, never by their words."""
     if cause.severity == "info":
         return False  # an observation (a frozen LSTM, say) is not a fault that causes others
-    if effect.kind == "nonfinite" and "input batch" in effect.message:
-        return False  # NaN in the data comes from outside training: nothing in the run explains it
+    if effect.kind == "nonfinite" and effect.where == "data":
+        return False  # first seen in the input batch: it comes from outside training, nothing in the run explains it
     # A non-finite value is the root of everything after it, wherever it first appeared.
     same_place = cause.kind == "nonfinite" or not cause.module or not effect.module or cause.module == effect.module
     return same_place and effect.kind in CAUSES.get(cause.kind, ()) and cause.step <= effect.step
 
 
 def _priority(kind: str) -> int:
+    """Rank of a kind as a root cause: lower is more fundamental."""
     return PRIORITY.index(kind) if kind in PRIORITY else len(PRIORITY)
 
 

@@ -1,18 +1,23 @@
-"""Recompute the gates that the fused kernels of nn.LSTM and nn.GRU hide.
+"""Recompute the gates that the fused kernels of nn.LSTM and nn.GRU hide: the reference recurrence.
 
 Pure functions: no hooks, no state. The recurrences follow the equations in the
-PyTorch documentation, gate order (i, f, g, o) for the LSTM and (r, z, n) for
-the GRU, and reproduce the modules' own outputs to rounding error.
+PyTorch documentation step by step, gate order (i, f, g, o) for the LSTM and (r, z, n) for
+the GRU, and reproduce the modules' own outputs to rounding error. They are the reference: what
+`lstm_gates` / `gru_gates` give users, and what tests/test_fast.py holds the probes' production
+recurrence (`lstmwatch.recurrence`, the same internals in far fewer ops) to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .keys import layer_label
 
 __all__ = ["GateTrace", "GRUTrace", "lstm_gates", "gru_gates"]
 
@@ -85,22 +90,36 @@ def _state(module: nn.RNNBase, hx: Tensor | None, unbatched: bool) -> Tensor | N
     return hx.unsqueeze(1) if unbatched else hx
 
 
-_ROLES = (("w_ih", "weight_ih"), ("w_hh", "weight_hh"), ("b_ih", "bias_ih"), ("b_hh", "bias_hh"), ("w_hr", "weight_hr"))
+class Weights(TypedDict):
+    """The weights of one layer-direction (or of a cell) by role; G gates, H hidden, P output, F input."""
+
+    w_ih: Tensor  # (G * H, F)
+    w_hh: Tensor  # (G * H, P)
+    b_ih: Tensor | None  # (G * H,), None without bias
+    b_hh: Tensor | None
+    w_hr: Tensor | None  # (P, H) the LSTM's projection, None without
 
 
-def rnn_params(module: nn.RNNBase, named: dict[str, Tensor] | None = None) -> list[dict[str, Tensor | None]]:
+def weights(named: Mapping[str, Tensor], suffix: str = "") -> Weights:
+    """One layer-direction's weights from a name -> tensor map: suffix '_l1_reverse', or '' for a cell."""
+    return Weights(w_ih=named["weight_ih" + suffix], w_hh=named["weight_hh" + suffix],
+                   b_ih=named.get("bias_ih" + suffix), b_hh=named.get("bias_hh" + suffix),
+                   w_hr=named.get("weight_hr" + suffix))
+
+
+def rnn_params(module: nn.RNNBase, named: Mapping[str, Tensor] | None = None) -> list[Weights]:
     """The weights of every (layer, direction) in h_n's order, from the module or a name -> tensor map."""
     named = dict(module.named_parameters()) if named is None else named
     d = 2 if module.bidirectional else 1
-    out = []
-    for k in range(module.num_layers):
-        for j in range(d):
-            sfx = f"_l{k}" + ("_reverse" if j else "")
-            out.append({role: named.get(n + sfx) for role, n in _ROLES})
-    return out
+    # The names nn.RNNBase gives its weights: weight_ih_l0, bias_hh_l1_reverse.
+    return [weights(named, "_" + layer_label(k, j == 1)) for k in range(module.num_layers) for j in range(d)]
 
 
-def _lstm_direction(p, x, mask, h, c, reverse):
+PerStep = list[Tensor]  # one (B, X) tensor per timestep, in real time
+
+
+def _lstm_direction(p: Weights, x: Tensor, mask: Tensor | None, h: Tensor, c: Tensor,
+                    reverse: bool) -> tuple[PerStep, PerStep, PerStep, PerStep, PerStep, PerStep, Tensor, Tensor]:
     """One direction of one layer; x (B, T, F), mask None when no sequence ends early.
 
     Returns the per-step tensors and the carried states. Few ops per step: the loop is what a
@@ -108,11 +127,11 @@ def _lstm_direction(p, x, mask, h, c, reverse):
     """
     hsize = p["w_hh"].shape[1] if p["w_hr"] is None else p["w_hr"].shape[1]
     xw = x @ p["w_ih"].T  # (B, T, 4H), all timesteps at once as the fused kernel does
-    if p["b_ih"] is not None:
+    if p["b_ih"] is not None and p["b_hh"] is not None:
         xw = xw + (p["b_ih"] + p["b_hh"])
     whh, whr = p["w_hh"].T, (p["w_hr"].T if p["w_hr"] is not None else None)
     xs = xw.unbind(1)
-    gi, gf, gg, go, cs, hs = ([None] * x.shape[1] for _ in range(6))
+    gi, gf, gg, go, cs, hs = ([h] * x.shape[1] for _ in range(6))  # every slot is filled below
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
     for t in steps:
         z = torch.addmm(xs[t], h, whh)  # (B, 4H)
@@ -135,13 +154,13 @@ def _lstm_direction(p, x, mask, h, c, reverse):
 
 
 def lstm_forward(
-    params: list[dict[str, Tensor | None]],
+    params: list[Weights],
     lstm: nn.LSTM,
     batch: SeqBatch,
     h0: Tensor | None = None,
     c0: Tensor | None = None,
     keep_steps: bool = False,
-):
+) -> tuple[list[GateTrace], Tensor, Tensor, list[PerStep]]:
     """The recurrence with given weights; returns (traces, h_n, c_n, per-step hidden states).
 
     h0, c0: (L * D, B, P or H) and (L * D, B, H). Differentiable: run it with grad enabled to
@@ -153,7 +172,10 @@ def lstm_forward(
     # Only a PackedSequence has sequences shorter than T (known on the host, without reading the mask).
     ragged = mask if batch.packed else None
     fm = mask[..., None].to(x.dtype) if batch.packed else None
-    traces, hn, cn, steps = [], [], [], []
+    traces: list[GateTrace] = []
+    hn: list[Tensor] = []
+    cn: list[Tensor] = []
+    steps: list[PerStep] = []
     for k in range(lstm.num_layers):
         outs = []
         for j in range(d):
@@ -164,8 +186,9 @@ def lstm_forward(
             st = [torch.stack(s, 1) for s in (gi, gf, gg, go, cs, hs)]
             if fm is not None:
                 st = [s * fm for s in st]
-            traces.append(GateTrace(*st, mask=mask, layer=k, direction=j))
-            outs.append(st[5])
+            i, f, g, o, c_t, h_t = st
+            traces.append(GateTrace(i, f, g, o, c_t, h_t, mask=mask, layer=k, direction=j))
+            outs.append(h_t)
             hn.append(h)
             cn.append(c)
             if keep_steps:
@@ -204,12 +227,13 @@ def lstm_gates(
     return traces
 
 
-def _gru_direction(p, x, mask, h, reverse):
-    """One direction of one GRU layer; x (B, T, F)."""
+def _gru_direction(p: Weights, x: Tensor, mask: Tensor, h: Tensor,
+                   reverse: bool) -> tuple[PerStep, PerStep, PerStep, PerStep, Tensor]:
+    """One direction of one GRU layer; x (B, T, F), mask (B, T)."""
     xw = x @ p["w_ih"].T  # (B, T, 3H)
     if p["b_ih"] is not None:
         xw = xw + p["b_ih"]
-    rs, zs, ns, hs = ([None] * x.shape[1] for _ in range(4))
+    rs, zs, ns, hs = ([h] * x.shape[1] for _ in range(4))  # every slot is filled below
     steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
     for t in steps:
         hw = h @ p["w_hh"].T
@@ -224,12 +248,15 @@ def _gru_direction(p, x, mask, h, reverse):
     return rs, zs, ns, hs, h
 
 
-def gru_forward(params, gru: nn.GRU, batch: SeqBatch, h0: Tensor | None = None, keep_steps: bool = False):
+def gru_forward(params: list[Weights], gru: nn.GRU, batch: SeqBatch, h0: Tensor | None = None,
+                keep_steps: bool = False) -> tuple[list[GRUTrace], Tensor, list[PerStep]]:
     """The GRU recurrence with given weights; returns (traces, h_n, per-step hidden states)."""
     x, mask = batch.x, batch.mask
     b, d = x.shape[0], 2 if gru.bidirectional else 1
     fm = mask[..., None].to(x.dtype)
-    traces, hn, steps = [], [], []
+    traces: list[GRUTrace] = []
+    hn: list[Tensor] = []
+    steps: list[PerStep] = []
     for k in range(gru.num_layers):
         outs = []
         for j in range(d):
@@ -237,8 +264,9 @@ def gru_forward(params, gru: nn.GRU, batch: SeqBatch, h0: Tensor | None = None, 
             h = h0[idx] if h0 is not None else x.new_zeros(b, gru.hidden_size)
             rs, zs, ns, hs, h = _gru_direction(params[idx], x, mask, h, reverse=j == 1)
             st = [torch.stack(s, 1) * fm for s in (rs, zs, ns, hs)]
-            traces.append(GRUTrace(*st, mask=mask, layer=k, direction=j))
-            outs.append(st[3])
+            r, z, n, h_t = st
+            traces.append(GRUTrace(r, z, n, h_t, mask=mask, layer=k, direction=j))
+            outs.append(h_t)
             hn.append(h)
             if keep_steps:
                 steps.append(hs)

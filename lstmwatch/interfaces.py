@@ -56,7 +56,7 @@ class Header:
         """A header stamped with this lstmwatch's and torch's versions."""
         import torch
 
-        from . import __version__
+        from .version import __version__
 
         every = log_every if isinstance(log_every, int) and not isinstance(log_every, bool) else None
         return cls(tuple(modules), every, sample, __version__, torch.__version__)
@@ -89,7 +89,9 @@ class Sink(Protocol):
 class Detector(Protocol):
     """Reads records, returns events; never acts by itself."""
 
-    kind: str
+    @property
+    def kind(self) -> str:
+        """The kind of the events it raises ('stalled_loss')."""
 
     def update(self, record: Record) -> list[Event]:
         """Read one record; return the events it raises."""

@@ -93,9 +93,9 @@ class Record:
         """
         out = [(v, k.module, k.stat) for key, k in self._keys().items() if k.kind == "nonfinite"
                and (v := self.stats[key]) is not None and math.isfinite(v)]
-        v = self.stats.get(keys.NONFINITE_LOSS)
-        if v is not None and math.isfinite(v):
-            out.append((v, "", "loss"))
+        loss = self.stats.get(keys.NONFINITE_LOSS)
+        if loss is not None and math.isfinite(loss):
+            out.append((loss, "", "loss"))
         return out
 
     def curve(self, module: str, layer: str | None = None) -> list[float] | None:

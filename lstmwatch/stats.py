@@ -7,32 +7,13 @@ reads a value back: the transfer in `to_host` is the only place that waits on th
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 LOW, HIGH = 0.1, 0.9  # saturation bounds of Karpathy, Johnson and Fei-Fei (2015)
 INF = math.inf
-
-
-def masked_mean(x: Tensor, fm: Tensor) -> Tensor:
-    """Mean of x (..., B, T, H) over the steps where fm (B, T, 1) is 1."""
-    n = fm.sum() * x.shape[-1]
-    return (x * fm).sum(dim=(-3, -2, -1)) / n.clamp_min(1)
-
-
-def sigmoid_gate_stats(gates: Tensor, fm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, left-saturated and right-saturated fractions of stacked gates (K, B, T, H)."""
-    return (
-        masked_mean(gates, fm),
-        masked_mean((gates < LOW).to(fm.dtype), fm),
-        masked_mean((gates > HIGH).to(fm.dtype), fm),
-    )
-
-
-def tanh_sat(x: Tensor, fm: Tensor) -> Tensor:
-    """Fraction of |x| > 0.9 on the tanh scale, over valid steps."""
-    return masked_mean((x.abs() > HIGH).to(fm.dtype), fm)
 
 
 def data_stats(x: Tensor, mask: Tensor, packed: bool) -> dict[str, Tensor]:
@@ -61,40 +42,70 @@ def data_stats(x: Tensor, mask: Tensor, packed: bool) -> dict[str, Tensor]:
     }
 
 
-def gate_stats(i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor, h: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Gate, cell and hidden statistics of one LSTM layer-direction; all inputs (B, T, H)."""
-    fm = mask[..., None].to(i.dtype)
-    mean, left, right = sigmoid_gate_stats(torch.stack((i, f, o)), fm)  # each (3,)
+class Summer(NamedTuple):
+    """Sums over the valid steps of (S, T, ...) tensors, and the counts that make them means."""
+
+    n: Tensor | int  # valid gate values of one gate: valid steps times H
+    nh: Tensor | int  # valid hidden values: valid steps times P
+    mask: Tensor | None  # (S, T) in the gates' dtype; None when every step is valid
+
+    @staticmethod
+    def of(act: Tensor, h: Tensor, mask: Tensor | None) -> Summer:
+        """For gates act (S, T, G, H) and hidden states h (S, T, P); mask (S, T) bool or None."""
+        if mask is None:
+            return Summer(act.shape[0] * act.shape[1] * act.shape[3], h.numel(), None)
+        m = mask.to(act.dtype)
+        return Summer(m.sum() * act.shape[3], m.sum() * h.shape[2], m)
+
+    def total(self, x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+        """The sum of x (S, T, ...) over its valid steps (a bool tensor sums to its count), over dims or all."""
+        if self.mask is not None:
+            x = x * self.mask.view(*self.mask.shape, *([1] * (x.dim() - 2)))
+        return x.sum(dims) if dims is not None else x.sum()
+
+
+def gate_stats(act: Tensor, h: Tensor, mask: Tensor | None, gates: tuple[str, ...], tanh: int,
+               cell: tuple[Tensor, Tensor] | None = None) -> dict[tuple[str, str], Tensor]:
+    """Gate, hidden and cell-state statistics of one layer-direction, keyed (gate or state, statistic).
+
+    act (S, T, G, H): the gates after their nonlinearity, named by `gates` in order, all sigmoids but the one
+    at index `tanh`; h (S, T, P); cell: (c, tanh(c)) (S, T, H) of an LSTM; mask (S, T), None if all valid.
+    A few passes over act whatever G: sigmoid gates get mean, sat_left and sat_right, the tanh gate mean and
+    sat (|x| > HIGH), h and c sat and absmean, c also absmax.
+    """
+    su = Summer.of(act, h, mask)
+    dims = (0, 1, 3)
+    mean = su.total(act, dims) / su.n  # (G,)
+    left = su.total(act < LOW, dims) / su.n
+    right = su.total(act > HIGH, dims) / su.n
     out = {}
-    for k, gate in enumerate(("input", "forget", "output")):
-        out[f"{gate}/mean"], out[f"{gate}/sat_left"], out[f"{gate}/sat_right"] = mean[k], left[k], right[k]
-    out["cell/mean"] = masked_mean(g, fm)
-    out["cell/sat"] = tanh_sat(g, fm)
-    out["c/sat"] = tanh_sat(torch.tanh(c), fm)
-    out["c/absmean"] = masked_mean(c.abs(), fm)
-    out["c/absmax"] = (c.abs() * fm).amax()
-    out["h/sat"] = tanh_sat(h, fm)
-    out["h/absmean"] = masked_mean(h.abs(), fm)
+    for k, gate in enumerate(gates):
+        if k != tanh:
+            out[gate, "mean"], out[gate, "sat_left"], out[gate, "sat_right"] = mean[k], left[k], right[k]
+    out[gates[tanh], "mean"] = mean[tanh]
+    out[gates[tanh], "sat"] = right[tanh] + su.total(act[:, :, tanh] < -HIGH) / su.n
+    ha = h.abs()
+    out["h", "sat"] = su.total(ha > HIGH) / su.nh
+    out["h", "absmean"] = su.total(ha) / su.nh
+    if cell is not None:
+        c, tc = cell
+        out["c", "sat"] = su.total(tc.abs() > HIGH) / su.n
+        ca = c.abs()
+        out["c", "absmean"] = su.total(ca) / su.n
+        out["c", "absmax"] = ca.amax() if mask is None else (ca * mask[..., None]).amax()
     return out
 
 
-def gru_gate_stats(r: Tensor, z: Tensor, n: Tensor, h: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Gate and hidden statistics of one GRU layer-direction; all inputs (B, T, H)."""
-    fm = mask[..., None].to(r.dtype)
-    mean, left, right = sigmoid_gate_stats(torch.stack((r, z)), fm)
-    out = {}
-    for k, gate in enumerate(("reset", "update")):
-        out[f"{gate}/mean"], out[f"{gate}/sat_left"], out[f"{gate}/sat_right"] = mean[k], left[k], right[k]
-    out["new/mean"] = masked_mean(n, fm)
-    out["new/sat"] = tanh_sat(n, fm)
-    out["h/sat"] = tanh_sat(h, fm)
-    out["h/absmean"] = masked_mean(h.abs(), fm)
-    return out
+class ThroughTime(NamedTuple):
+    """The gradient through time of one layer-direction."""
+
+    curve: Tensor  # (T,) |dL/dh_t| over the sample, in real time
+    ratio: Tensor  # 0-d: first-processed over last-processed step; NaN when the last got no gradient
+    decay: Tensor  # 0-d: log10 of the ratio per step
 
 
-def through_time(grads: Tensor, mask: Tensor, reverse: bool) -> dict[str, Tensor]:
-    """Gradient through time from dL/dh_t (B, T, H): the curve, first-to-last ratio (NaN when the last
-    step got no gradient), decay per step.
+def through_time(grads: Tensor, mask: Tensor, reverse: bool) -> ThroughTime:
+    """Gradient through time from dL/dh_t (B, T, H) over the valid steps of mask (B, T).
 
     'First' is the step the recurrence processed first (t=0 forward, the last valid step in
     reverse): its gradient travelled furthest back, so the ratio measures the memory horizon.
@@ -111,7 +122,7 @@ def through_time(grads: Tensor, mask: Tensor, reverse: bool) -> dict[str, Tensor
     ratio = torch.where(last > 0, first.sum().sqrt() / last.clamp_min(1e-30), math.nan)
     span = (lengths.float().mean() - 1).clamp_min(1)
     decay = torch.log10(ratio.clamp_min(1e-30)) / span
-    return {"gtt": curve, "gtt/ratio": ratio, "gtt/decay": decay}
+    return ThroughTime(curve, ratio, decay)
 
 
 def sumsq_blocks(g: Tensor, blocks: int) -> Tensor:
@@ -135,15 +146,15 @@ def to_host(items: dict[str, Tensor]) -> tuple[dict[str, float], dict[str, list[
     if len(devices) > 1:  # statistics of modules on several devices: gather them on the first
         dev = flat[0].device
         flat = [t.to(dev, non_blocking=True) for t in flat]
-    flat = torch.cat(flat)
-    if flat.is_cuda:
+    cat = torch.cat(flat)
+    if cat.is_cuda:
         # One copy into pinned memory queued behind the statistics, then a wait on this stream alone.
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
-        torch.cuda.current_stream(flat.device).synchronize()
+        host = torch.empty(cat.shape, dtype=cat.dtype, pin_memory=True)
+        host.copy_(cat, non_blocking=True)
+        torch.cuda.current_stream(cat.device).synchronize()
         values = host.tolist()
     else:
-        values = flat.tolist()  # the one host sync of a logging step
+        values = cat.tolist()  # the one host sync of a logging step
     stats, curves, pos = {}, {}, 0
     for k, n, t in zip(keys, sizes, (items[k] for k in keys)):
         chunk = values[pos:pos + n]

@@ -1,24 +1,30 @@
-"""The Watcher: finds the LSTMs, keeps the schedule, and runs each logging step."""
+"""The Watcher: finds the LSTMs, moves the clock, and runs each logging step: probes -> record -> detectors -> sinks."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from . import stats
-from ._frames import user_frame
-from .events import Event, LSTMWatchFailure, LSTMWatchWarning, Record
+from . import keys, stats
+from .detectors import Detectors, default_detectors
+from .events import Event, LSTMWatchFailure, LSTMWatchWarning
+from .frames import user_frame, user_stacklevel
+from .interfaces import Detector, Header, ModuleInfo, Sink, Summary
 from .probes import Probe, probe_for
+from .record import Record
 from .schedule import Clock, Schedule
-from .sinks.console import user_stacklevel
+
+if TYPE_CHECKING:
+    from .run import Run
 
 ModuleFilter = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
@@ -37,10 +43,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside DistributedDataParallel, DataParallel or torch.compile's wrapper."""
     while True:
         inner = getattr(model, "module", None)
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) and inner is not None:
+        compiled = getattr(model, "_orig_mod", None)
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) and isinstance(inner, nn.Module):
             model = inner
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(compiled, nn.Module):
+            model = compiled
         else:
             return model
 
@@ -88,8 +95,16 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
     return chosen
 
 
+def _probe(name: str, module: nn.Module, clock: Clock) -> Probe:
+    cls = probe_for(module)
+    assert cls is not None, "find_modules returns only modules with a probe"
+    return cls(name, module, clock)
+
+
 class Watcher:
     """Watches the LSTMs of a model: call `step(loss)` once per optimizer step, `close()` at the end."""
+
+    closed: bool = False  # set before anything can fail in __init__: __del__ and a later watch() read it
 
     def __init__(
         self,
@@ -98,8 +113,8 @@ class Watcher:
         log_every: int | Schedule = 50,
         sample: int = 8,
         modules: ModuleFilter = None,
-        detectors: Iterable[Any] | None = None,
-        sinks: Iterable[Any] = (),
+        detectors: Iterable[Detector] | None = None,
+        sinks: Iterable[Sink] = (),
         scaler: Any | None = None,
         max_records: int = 10_000,
         max_events: int = 1_000,
@@ -116,10 +131,11 @@ class Watcher:
                 warnings.warn("lstmwatch: this model was already watched; closing the previous watcher first",
                               LSTMWatchFailure, stacklevel=3)
                 prev.close()
-        self.probes: list[Probe] = [probe_for(m)(name, m, self.clock) for name, m in found]
+        self.probes: list[Probe] = [_probe(name, m, self.clock) for name, m in found]
         for _, m in found:
             _OPEN[m] = weakref.ref(self)
-        self.detectors = list(detectors) if detectors is not None else []
+        # One suite: the loss trend is computed once per record and shared by the detectors that read it.
+        self.detectors = detectors if isinstance(detectors, Detectors) else Detectors(detectors or ())
         self.sinks = list(sinks)
         self.records: deque[Record] = deque(maxlen=max_records)
         self.events: deque[Event] = deque(maxlen=max_events)
@@ -129,8 +145,10 @@ class Watcher:
         self._loss_last: Tensor | None = None
         self._loss_bad: Tensor | None = None
         self._failed: set[int] = set()  # ids of detectors and sinks switched off after a failure
+        # What the run is, built once: sinks get it, never the watcher.
+        self.header = Header.of([ModuleInfo(p.name, p.kind, p.describe()) for p in self.probes], log_every, sample)
         for s in self.sinks:
-            self._call(s, "start", self)
+            self._call(s, "start", self.header)
 
     # --- public
     @property
@@ -146,7 +164,7 @@ class Watcher:
     @property
     def log_path(self) -> str | None:
         """Where the run log is written, if watch() was given log_dir= or log_path=."""
-        return next((str(s.path) for s in self.sinks if getattr(s, "path", None)), None)
+        return next((str(path) for s in self.sinks if (path := getattr(s, "path", None))), None)
 
     @property
     def step_count(self) -> int:
@@ -185,8 +203,15 @@ class Watcher:
             p.remove()
             if _open_watcher(p.module) is self:
                 del _OPEN[p.module]
+        summary = Summary(self.step_count, len(self.records), len(self.events))
         for s in self.sinks:
-            self._call(s, "close")
+            self._call(s, "close", summary)
+
+    def as_run(self) -> Run:
+        """This run so far, as the report and `lstmwatch.load` see runs."""
+        from .run import Run
+
+        return Run.live(self.header, list(self.records), list(self.events), self.step_count, self.log_path)
 
     def diagnose(self) -> list:
         """The run's events ranked by likely root cause, each with its consequences."""
@@ -206,6 +231,34 @@ class Watcher:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"step {self.step_count}"
         return f"Watcher({', '.join(self.modules)}; {state}; {len(self.records)} records, {len(self.events)} events)"
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a run resumed from a checkpoint needs to go on where this one stopped, as plain values: the step,
+        the loss since the last record, the events so far and every detector's trends, streaks and latches."""
+        loss_sum = float(self._loss_sum) if self._loss_sum is not None else None  # a sync: checkpoints only
+        bad = float(self._loss_bad) if self._loss_bad is not None else None
+        return {
+            "step": self.clock.step,
+            # The sampler's state: a resumed run samples the rows the uninterrupted run would have.
+            "generator": self.clock.generator.get_state().tolist() if self.clock.generator is not None else None,
+            "loss": {"sum": loss_sum, "n": self._loss_n, "first_nonfinite": bad},
+            "events": [dataclasses.asdict(e) for e in self.events],
+            "detectors": self.detectors.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the run a `state_dict()` was taken from: call before the first `step()` of the resumed run."""
+        self.detectors.load_state_dict(state["detectors"])  # first: a mismatch changes nothing
+        self.clock.seek(int(state["step"]))
+        if state.get("generator") is not None and self.clock.generator is not None:
+            self.clock.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        loss = state.get("loss", {})
+        self._loss_sum = torch.tensor(loss["sum"]) if loss.get("sum") is not None else None
+        self._loss_n = int(loss.get("n", 0))
+        self._loss_bad = torch.tensor(loss["first_nonfinite"]) if loss.get("first_nonfinite") is not None else None
+        self._loss_last = self._loss_sum / self._loss_n if self._loss_sum is not None and self._loss_n else None
+        self.events.clear()
+        self.events.extend(Event(**e) for e in state.get("events", []))
 
     def __enter__(self) -> Watcher:
         return self
@@ -241,47 +294,51 @@ class Watcher:
                 continue
             items.update(got[0])
             host.update(got[1])
-        norms = [items[k] for p in self.probes if (k := f"{p.name}/grad_norm") in items]
+        norms = [items[k] for p in self.probes if (k := keys.module_key(p.name, keys.GRAD_NORM)) in items]
         if norms:
             dev = norms[0].device
-            items["grad_norm"] = torch.stack([n.to(dev) for n in norms]).pow(2).sum().sqrt()
-        if self._loss_last is not None:
-            items["loss"] = self._loss_last
-            items["loss_mean"] = self._loss_sum / self._loss_n
-            items["nonfinite_loss"] = self._loss_bad
+            items[keys.GRAD_NORM] = torch.stack([n.to(dev) for n in norms]).pow(2).sum().sqrt()
+        if self._loss_last is not None and self._loss_sum is not None and self._loss_bad is not None:
+            items[keys.LOSS] = self._loss_last
+            items[keys.LOSS_MEAN] = self._loss_sum / self._loss_n
+            items[keys.NONFINITE_LOSS] = self._loss_bad
         if isinstance(val_loss, Tensor):
-            items["val_loss"] = val_loss.detach().float().reshape(())
+            items[keys.VAL_LOSS] = val_loss.detach().float().reshape(())
         values, curves = stats.to_host(items)
         values.update(host)
         if val_loss is not None and not isinstance(val_loss, Tensor):
-            values["val_loss"] = float(val_loss)
+            values[keys.VAL_LOSS] = float(val_loss)
         # Sites that never went non-finite hold +inf: leave them out.
-        values = {k: v for k, v in values.items() if not ("nonfinite" in k and v == math.inf)}
+        values = {k: v for k, v in values.items() if not (v == math.inf and keys.combine_of(k) is keys.Combine.FIRST)}
         self._loss_sum, self._loss_n = None, 0
-        record = Record(step=s, loss=values.get("loss"), stats=values, curves=curves,
-                        val_loss=values.get("val_loss"), modules=tuple(self.modules))
+        record = Record(step=s, loss=values.get(keys.LOSS), stats=values, curves=curves,
+                        val_loss=values.get(keys.VAL_LOSS), modules=tuple(self.modules))
         self.records.append(record)
         events: list[Event] = []
+        self._call(self.detectors, "observe", record)
         for d in self.detectors:
-            events.extend(self._call(d, "update", record) or [])
+            events.extend(self._guard(d, f"{type(d).__name__}.update", self.detectors.run, d, record) or [])
         self.events.extend(events)
         for sink in self.sinks:
-            self._call(sink, "write", record)
-            for e in events:
-                self._call(sink, "emit", e)
+            self._call(sink, "write", record, events)
         return record
 
     def _call(self, obj: Any, method: str, *args: Any) -> Any:
-        """Call a probe, detector or sink; one that fails is reported once and switched off, training goes on."""
-        if id(obj) in self._failed or not hasattr(obj, method):
+        """Call a probe, detector or sink's method if it has one, guarded as `_guard` says."""
+        fn = getattr(obj, method, None)
+        return None if fn is None else self._guard(obj, f"{type(obj).__name__}.{method}", fn, *args)
+
+    def _guard(self, obj: Any, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` on behalf of `obj`; an `obj` that fails is reported once and switched off, training goes on."""
+        if id(obj) in self._failed:
             return None
         try:
-            return getattr(obj, method)(*args)
+            return fn(*args)
         except LSTMWatchWarning:
             raise  # the user turned lstmwatch's warnings into errors: that is theirs to see
         except Exception as exc:  # noqa: BLE001 - a monitoring failure must never stop training
             self._failed.add(id(obj))
-            warnings.warn(f"lstmwatch: {type(obj).__name__}.{method} failed and is switched off: "
+            warnings.warn(f"lstmwatch: {what} failed and is switched off: "
                           f"{type(exc).__name__}: {exc}", LSTMWatchFailure, stacklevel=user_stacklevel())
             return None
 
@@ -293,12 +350,11 @@ def watch(
     sample: int = 8,
     modules: ModuleFilter = None,
     console: bool = True,
-    detectors: Iterable[Any] | dict[str, Any] | None = None,
+    detectors: Iterable[Detector] | dict[str, Any] | None = None,
     scaler: Any | None = None,
     **sink_options: Any,
 ) -> Watcher:
     """Attach lstmwatch to every nn.LSTM (and nn.GRU, nn.LSTMCell, nn.GRUCell) inside `model`; returns the Watcher."""
-    from .detectors import default_detectors
     from .sinks import make_sinks
 
     sinks = make_sinks(console=console, **sink_options)
@@ -307,6 +363,6 @@ def watch(
     elif isinstance(detectors, dict):
         dets = default_detectors(**detectors)  # tune the defaults: {"stalled_loss": {"patience": 500}}
     else:
-        dets = list(detectors)
+        dets = Detectors(detectors)
     return Watcher(model, log_every=log_every, sample=sample, modules=modules, detectors=dets, sinks=sinks,
                    scaler=scaler)

@@ -72,3 +72,45 @@ def test_cell_training_is_untouched():
 
     for a, b in zip(train(False), train(True)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell])
+def test_cell_gate_statistics_match_the_reference(cell):
+    # The probe computes every call's gates at once with the production recurrence; here each call's gates are
+    # written out by hand from the cell's weights, and the statistics computed by the test reference.
+    from reference_probe import gru_stats, lstm_stats
+
+    from lstmwatch.gates import GateTrace, GRUTrace
+
+    torch.manual_seed(2)
+    model = Unrolled(cell(3, 6)).double()
+    x = 3 * torch.randn(5, 7, 3, dtype=torch.float64)
+    w = {k: v.detach().clone() for k, v in model.cell.named_parameters()}
+    with lstmwatch.watch(model, log_every=1, sample=5, console=False) as watcher:
+        model(x).pow(2).mean().backward()
+        rec = watcher.step(1.0)
+    h = c = torch.zeros(5, 6, dtype=torch.float64)
+    steps = []
+    for t in range(x.shape[1]):
+        zx = x[:, t] @ w["weight_ih"].T + w["bias_ih"]
+        zh = h @ w["weight_hh"].T + w["bias_hh"]
+        if cell is nn.LSTMCell:
+            i, f, g, o = (zx + zh).chunk(4, 1)
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            c = f * c + i * g
+            h = o * c.tanh()
+            steps.append((i, f, g, o, c, h))
+        else:
+            (xr, xz, xn), (hr, hz, hn) = zx.chunk(3, 1), zh.chunk(3, 1)
+            r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+            n = (xn + r * hn).tanh()
+            h = (1 - z) * n + z * h
+            steps.append((r, z, n, h))
+    cols = [torch.stack(s, 1) for s in zip(*steps)]  # each (B, T, H)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    trace = GateTrace(*cols, mask=mask, layer=0, direction=0) if cell is nn.LSTMCell else \
+        GRUTrace(*cols, mask=mask, layer=0, direction=0)
+    expected = lstm_stats(trace) if cell is nn.LSTMCell else gru_stats(trace)
+    assert len(expected) == (16 if cell is nn.LSTMCell else 10)
+    for (group, stat), v in expected.items():
+        assert rec.stats[f"cell/l0/{group}/{stat}"] == pytest.approx(v.item(), rel=1e-9, abs=1e-12), (group, stat)

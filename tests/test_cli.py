@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 import lstmwatch
-from lstmwatch import scenarios
 from lstmwatch.cli import main
-from lstmwatch.demo import Progress, verdict
+from lstmwatch.demo import Progress, scenarios, verdict
 from lstmwatch.events import Event
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg"}

@@ -105,7 +105,7 @@ def test_statistics_stay_on_the_module_device(monkeypatch):
 
 
 @pytest.mark.parametrize("kw", [{"num_layers": 2}, {"num_layers": 2, "proj_size": 3}], ids=["layers2", "proj"])
-def test_fast_path_equals_general_recurrence_on_cudnn(kw, monkeypatch):
+def test_production_path_equals_reference_on_cudnn(kw, monkeypatch):
     torch.manual_seed(0)
     lstm = nn.LSTM(5, 7, **kw).cuda()
     x = torch.randn(9, 6, 5, device="cuda")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import random
 import re
@@ -14,10 +15,12 @@ import pytest
 import lstmwatch
 from lstmwatch.detectors import (
     DEFAULTS,
+    Detectors,
     DivergingLoss,
     ExplodingGradient,
     GateSaturation,
     HiddenSaturation,
+    LossTrend,
     NoGradient,
     NonFinite,
     NotUpdated,
@@ -317,12 +320,13 @@ def test_each_module_is_latched_on_its_own():
 
 
 @pytest.mark.parametrize(
-    "sites, where, module",
+    "sites, where, module, site",
     [
-        ({f"{M}/nonfinite/data": 15}, "the input batch of lstm at step 15", M),
-        ({f"{M}/nonfinite/gates": 9}, "the recomputed gates and states of lstm at step 9", M),
-        ({"nonfinite_loss": 7}, "the loss at step 7", ""),
-        ({f"{M}/nonfinite/grad/weight_hh_l0": 5}, "the gradient of weight_hh_l0 of lstm at step 5", M),
+        ({f"{M}/nonfinite/data": 15}, "the input batch of lstm at step 15", M, "data"),
+        ({f"{M}/nonfinite/gates": 9}, "the recomputed gates and states of lstm at step 9", M, "gates"),
+        ({"nonfinite_loss": 7}, "the loss at step 7", "", "loss"),
+        ({f"{M}/nonfinite/grad/weight_hh_l0": 5}, "the gradient of weight_hh_l0 of lstm at step 5", M,
+         "grad/weight_hh_l0"),
         # Input NaN makes the gates, the loss and the gradients NaN in the same step: the input is the root.
         (
             {
@@ -333,15 +337,18 @@ def test_each_module_is_latched_on_its_own():
             },
             "the input batch of lstm at step 15",
             M,
+            "data",
         ),
-        ({"nonfinite_loss": 15, f"{M}/nonfinite/grad/weight_ih_l0": 15}, "the loss at step 15", ""),
-        ({f"{M}/nonfinite/data": 20, "nonfinite_loss": 12}, "the loss at step 12", ""),  # the earlier step wins
+        ({"nonfinite_loss": 15, f"{M}/nonfinite/grad/weight_ih_l0": 15}, "the loss at step 15", "", "loss"),
+        ({f"{M}/nonfinite/data": 20, "nonfinite_loss": 12}, "the loss at step 12", "", "loss"),  # the earlier step wins
     ],
 )
-def test_nonfinite_names_the_first_site_and_step(sites, where, module):
+def test_nonfinite_names_the_first_site_and_step(sites, where, module, site):
     events = NonFinite().update(rec(16, math.nan if "nonfinite_loss" in sites else 0.5, sites))
     assert [(e.kind, e.severity, e.module) for e in events] == [("nonfinite", "error", module)]
     assert f"first appeared in {where};" in events[0].message
+    # The site, for programs (diagnose reads it, never the message), and the step it first appeared at.
+    assert (events[0].where, events[0].values) == (site, {"first_step": min(sites.values())})
 
 
 def test_nonfinite_hint_matches_the_site():
@@ -706,3 +713,103 @@ def test_default_detectors_rejects_unknown_kinds_and_arguments():
         default_detectors(stalled={"patience": 5})
     with pytest.raises(TypeError):
         default_detectors(padding={"patiense": 5})
+
+
+# --- events carry where they happened and what was measured, by name (for programs; the message is for people)
+
+WHERE_VALUES = {
+    "unnormalized_input": ("", {"feat_mean_absmax": 1000.0, "feat_std_max": 300.0, "absmax": 1800.0,
+                                "max_mean": 5.0, "max_std": 5.0}),
+    "padding": ("", {"pad_frac": 0.4, "threshold": 0.1}),
+    "exploding_gradient": ("l0", {"update_ratio": 5.0, "threshold": 1.0}),
+    "vanishing_gradient": ("l0", {"ratio": 1e-5 / 0.3, "first": 1e-5, "last": 0.3, "last_layer": 2,
+                                  "threshold": 1e-2, "records": 3}),
+    "no_gradient": ("", {"grads_seen": 0.0, "grad_norm": 0.0, "records": 2}),
+    "not_updated": ("", {"grad_norm": 0.3, "update_ratio": 0.0, "records": 2}),
+    "stalled_loss": ("", {"loss": 1.0, "start": 1.0, "improvement": 0.0, "min_delta": 0.05, "steps": 200}),
+    "diverging_loss": ("", {"loss": 3.90625, "best": 0.625, "threshold": 3.0, "patience": 2}),  # smoothed over 50 steps
+    "gate_saturation": ("l0/input", {"frac": 0.98, "sat_left": 0.98, "sat_right": 0.0, "threshold": 0.5}),
+    "hidden_saturation": ("l0/c", {"frac": 0.95, "threshold": 0.5}),
+    "overfitting": ("", {"val_loss": 0.8, "best": 0.5, "best_step": 1, "threshold": 0.1, "evaluations": 3}),
+}
+
+
+def test_every_planted_fault_has_its_where_and_values_here():
+    assert set(WHERE_VALUES) == set(FAULTS)
+
+
+@pytest.mark.parametrize("kind", DETECTOR_KINDS)
+def test_event_says_where_and_gives_the_measured_values_by_name(kind):
+    e = FAULTS[kind].play("b" * 15)[0]
+    where, values = WHERE_VALUES[kind]
+    assert e.where == where
+    for name, v in values.items():
+        assert e.values[name] == pytest.approx(v), name
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in e.values.values())
+    assert json.loads(json.dumps(e.values)) == e.values  # plain values, as a run log keeps them
+
+
+def test_a_detector_decides_apart_from_its_words():
+    # The decision gives facts; the words come from them alone, so a fact can be worded again.
+    det = Padding()
+    r = rec(2, over={f"{M}/data/pad_frac": 0.4})
+    assert det._decide(rec(1, over={f"{M}/data/pad_frac": 0.4}), det.trend) == []
+    (fact,) = det._decide(r, det.trend)
+    assert (fact.module, fact.where, fact.values) == (M, "", {"pad_frac": 0.4, "threshold": 0.1})
+    message, hint = det._describe(fact)
+    assert message.startswith("40% of the timesteps") and "pack_padded_sequence" in hint
+
+
+# --- the loss trend: computed once per record, in the loss's own units, shared by the detectors of a suite
+
+
+def test_loss_trend_keeps_raw_units_and_reads_both_directions():
+    t = LossTrend()
+    for s, v in zip(log_steps(8), [1.0, 1.2, 0.8, 0.6, 0.4, 0.5, 0.7, 0.9]):
+        t.update(rec(s, v))
+    assert t.level0(2) == pytest.approx(1.1) and t.level0(50) == pytest.approx((1.0 + 1.2 + 0.8 * 2 + 0.6 * 4
+                                                                                + 0.4 * 8 + 0.5 * 16 + 0.7 * 18) / 50)
+    assert t.best() == t.low < t.latest < t.high == t.best(-1.0)
+    assert t.improvement(-1.0) == -t.improvement()
+    assert t.stalled(0, 0.05) != t.stalled(0, 0.05, sign=-1.0)
+
+
+def test_loss_trend_stops_judging_after_a_nonfinite_loss_but_keeps_its_levels():
+    t = LossTrend()
+    for s, v in [(1, 1.0), (2, 0.9), (4, math.nan), (8, 3.0)]:
+        t.update(rec(s, v))
+    assert t.broken and t.improvement() is None and not t.stalled(0, 1.0)
+    assert t.latest_unbroken == pytest.approx(0.95) and t.latest == pytest.approx((1.0 + 0.9 + 3.0 * 6) / 8)
+
+
+@pytest.mark.parametrize("kind", DETECTOR_KINDS)
+def test_a_suite_raises_what_each_detector_raises_alone(kind):
+    records = FAULTS[kind].records("b" * 12 + "g" * 6 + "b" * 12)
+    each_alone = list(default_detectors())  # each keeps its own trend when called by itself
+    alone = [e for r in records for d in each_alone for e in d.update(r)]
+    suite = Detectors.default()
+    assert alone and [e for r in records for e in suite.update(r)] == alone
+
+
+def test_a_suite_updates_its_trend_once_per_record_and_detectors_read_it():
+    suite = Detectors.default()
+    calls = []
+    update = suite.trend.update
+    suite.trend.update = lambda r: (calls.append(r.step), update(r))[1]
+    records = FAULTS["stalled_loss"].records("b" * 10)
+    events = [e for r in records for e in suite.update(r)]
+    assert calls == [r.step for r in records] and kinds(events) == ["stalled_loss"]
+    assert all(d.trend.latest is None for d in suite if isinstance(d, lstmwatch.detectors.Detector))  # unused
+
+
+def test_a_suite_calls_other_detectors_as_they_are():
+    class Mine:
+        kind = "mine"
+
+        def update(self, record):
+            return [Event(record.step, "mine", "info", "", "seen.", "none.")]
+
+    suite = Detectors([Mine(), Padding()])
+    assert [d.kind for d in suite] == ["mine", "padding"] and len(suite) == 2 and suite[1].kind == "padding"
+    assert kinds(suite.update(rec(1))) == ["mine"]
+    assert suite.state_dict()["detectors"][0] == {"kind": "mine", "state": None}

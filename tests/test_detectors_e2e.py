@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lstmwatch
-import lstmwatch.scenarios as S
+import lstmwatch.demo.scenarios as S
 
 # Steps each fault run needs: the first logging step after the fault shows (records at 1, 2, 4, 8, 16, 32, 50, ...),
 # with one more record of margin.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import lstmwatch.scenarios as S
+import lstmwatch.demo.scenarios as S
 from lstmwatch.diagnose import CAUSES, PRIORITY, Finding, diagnose, summary
 from lstmwatch.events import WARNINGS, Event
 from lstmwatch.remedies import set_forget_bias
@@ -17,10 +17,10 @@ from lstmwatch.remedies import set_forget_bias
 M = "lstm"
 
 
-def ev(step: int, kind: str, module: str = M, message: str = "", severity: str = "warning") -> Event:
+def ev(step: int, kind: str, module: str = M, message: str = "", severity: str = "warning", where: str = "") -> Event:
     if kind == "nonfinite":
         severity = "error"
-    return Event(step, kind, severity, module, message or f"{kind} measured.", f"fix {kind}.")
+    return Event(step, kind, severity, module, message or f"{kind} measured.", f"fix {kind}.", where)
 
 
 def roots(findings: list[Finding]) -> list[tuple[str, str]]:
@@ -59,7 +59,7 @@ def test_nan_in_the_input_is_the_root_not_the_exploding_gradient_that_follows():
         ev(32, "exploding_gradient"),
         ev(32, "diverging_loss", ""),
         ev(50, "gate_saturation"),
-        ev(16, "nonfinite", message="a NaN or Inf first appeared in the input batch of lstm at step 15."),
+        ev(16, "nonfinite", message="a NaN or Inf first appeared in the input batch of lstm at step 15.", where="data"),
     ]
     for seed in range(5):  # the order the events arrive in does not matter
         random.Random(seed).shuffle(events)
@@ -72,9 +72,18 @@ def test_nan_in_the_input_stays_a_root_after_an_unrelated_earlier_explosion():
     # Nothing a gradient does puts a NaN into the input batch.
     events = [
         ev(4, "exploding_gradient"),
-        ev(16, "nonfinite", message="a NaN or Inf first appeared in the input batch of lstm at step 15."),
+        ev(16, "nonfinite", message="a NaN or Inf first appeared in the input batch of lstm at step 15.", where="data"),
     ]
     assert ("nonfinite", M) in roots(diagnose(events))
+
+
+def test_cause_and_effect_come_from_where_not_from_the_message():
+    # The site decides: a NaN first seen in the gates is explained by an earlier explosion whatever its words say,
+    # and one first seen in the data stays a root whatever they say.
+    gates = ev(16, "nonfinite", message="a NaN or Inf first appeared in the input batch of lstm.", where="gates")
+    assert roots(diagnose([ev(4, "exploding_gradient"), gates])) == [("exploding_gradient", M)]
+    data = ev(16, "nonfinite", message="a NaN or Inf first appeared somewhere.", where="data")
+    assert ("nonfinite", M) in roots(diagnose([ev(4, "exploding_gradient"), data]))
 
 
 def test_unnormalized_input_explains_the_saturation_it_causes():
@@ -127,7 +136,7 @@ def test_a_nan_loss_after_an_explosion_is_its_consequence():
         ev(4, "exploding_gradient"),
         ev(4, "diverging_loss", ""),
         ev(8, "diverging_loss", ""),
-        ev(16, "nonfinite", "", "a NaN or Inf first appeared in the loss at step 15."),
+        ev(16, "nonfinite", "", "a NaN or Inf first appeared in the loss at step 15.", where="loss"),
     ]
     findings = diagnose(events)
     assert roots(findings)[0] == ("exploding_gradient", M)
@@ -173,7 +182,7 @@ def test_watcher_diagnose_on_nan_input():
     w = run("nan_input", 40)
     (f,) = w.diagnose()
     assert (f.kind, f.module, f.cause.step) == ("nonfinite", M, 16)
-    assert "input batch" in f.cause.message
+    assert "input batch" in f.cause.message and f.cause.where == "data"
 
 
 def test_watcher_diagnose_on_unnormalized_input():

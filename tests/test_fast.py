@@ -1,8 +1,10 @@
-"""The logging step's recomputation (fused kernel, written-out backward) against the general recurrence.
+"""The logging step's production recomputation (lstmwatch.recurrence: fused kernel, written-out backward)
+against the reference path (tests/reference_probe.py).
 
-The general path runs the LSTM step by step and takes dL/dh_t from autograd; test_gates and test_grad_stats
-check it against nn.LSTM and an unrolled nn.LSTMCell. Here every statistic and curve of the fast path must
-equal it on the same step, for every configuration: layers, directions, projections, packed sequences.
+The reference path runs the recurrence of lstmwatch.gates step by step, takes dL/dh_t from autograd and
+computes the gate statistics on its own; test_gates and test_grad_stats check it against nn.LSTM and an
+unrolled nn.LSTMCell. Here every statistic and curve of the production path must equal it on the same step,
+for every configuration: layers, directions, projections, packed sequences.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import copy
 
 import pytest
 import torch
+from reference_probe import use_reference
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import lstmwatch
-from lstmwatch import fast
-from lstmwatch.probes import RNNProbe
+from lstmwatch import recurrence
 
 F, H, T, B = 5, 7, 9, 6
 
@@ -47,12 +49,12 @@ def _loss(lstm: nn.LSTM, out, hn, cn, kind: str):
     return hn.sum() + (0.5 * cn.pow(2).sum() if cn is not None else 0)
 
 
-def _record(lstm: nn.LSTM, x, state, kind: str, general: bool, monkeypatch, autocast: bool = False):
-    """One logging step of a copy of lstm; the general path when asked."""
+def _record(lstm: nn.LSTM, x, state, kind: str, reference: bool, monkeypatch, autocast: bool = False):
+    """One logging step of a copy of lstm; through the reference path when asked."""
     lstm = copy.deepcopy(lstm)
     with monkeypatch.context() as mp:
-        if general:
-            mp.setattr(RNNProbe, "_fast", lambda self, batch: False)
+        if reference:
+            use_reference(mp)
         torch.manual_seed(3)  # the same dropout mask in both runs
         with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -63,31 +65,31 @@ def _record(lstm: nn.LSTM, x, state, kind: str, general: bool, monkeypatch, auto
             return w.step(1.0)
 
 
-def _assert_same(fast_rec, general_rec):
-    assert set(fast_rec.stats) == set(general_rec.stats)
-    for k, v in general_rec.stats.items():
-        assert fast_rec.stats[k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), k
-    assert set(fast_rec.curves) == set(general_rec.curves)
-    for k, v in general_rec.curves.items():
+def _assert_same(production_rec, reference_rec):
+    assert set(production_rec.stats) == set(reference_rec.stats)
+    for k, v in reference_rec.stats.items():
+        assert production_rec.stats[k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), k
+    assert set(production_rec.curves) == set(reference_rec.curves)
+    for k, v in reference_rec.curves.items():
         scale = max(map(abs, v), default=0.0)
-        assert fast_rec.curves[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * scale), k
+        assert production_rec.curves[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * scale), k
 
 
 @pytest.mark.parametrize("kind", LOSSES)
 @pytest.mark.parametrize("kw", CONFIGS.values(), ids=CONFIGS.keys())
-def test_fast_path_equals_general_recurrence(kw, kind, monkeypatch):
+def test_production_path_equals_reference(kw, kind, monkeypatch):
     torch.manual_seed(0)
     lstm = nn.LSTM(F, H, **kw)
     x = 2 * torch.randn(B, T, F) if kw.get("batch_first") else 2 * torch.randn(T, B, F)
-    fast_rec = _record(lstm, x, None, kind, False, monkeypatch)
-    general_rec = _record(lstm, x, None, kind, True, monkeypatch)
-    assert "lstm/gtt" in fast_rec.curves and "lstm/l0/forget/mean" in fast_rec.stats
-    _assert_same(fast_rec, general_rec)
+    production_rec = _record(lstm, x, None, kind, False, monkeypatch)
+    reference_rec = _record(lstm, x, None, kind, True, monkeypatch)
+    assert "lstm/gtt" in production_rec.curves and "lstm/l0/forget/mean" in production_rec.stats
+    _assert_same(production_rec, reference_rec)
 
 
 @pytest.mark.parametrize("kind", ("every_step", "h_n_c_n"))
 @pytest.mark.parametrize("kw", CONFIGS.values(), ids=CONFIGS.keys())
-def test_fast_path_equals_general_recurrence_on_packed_sequences(kw, kind, monkeypatch):
+def test_production_path_equals_reference_on_packed_sequences(kw, kind, monkeypatch):
     torch.manual_seed(0)
     lstm = nn.LSTM(F, H, **kw)
     x = 2 * torch.randn(B, T, F)
@@ -101,7 +103,7 @@ def test_fast_path_equals_general_recurrence_on_packed_sequences(kw, kind, monke
                  _record(lstm, packed, state, kind, True, monkeypatch))
 
 
-def test_fast_path_with_initial_state_and_unbatched_input(monkeypatch):
+def test_production_path_with_initial_state_and_unbatched_input(monkeypatch):
     torch.manual_seed(1)
     lstm = nn.LSTM(F, H, num_layers=2)
     state = (torch.randn(2, B, H), torch.randn(2, B, H))
@@ -113,7 +115,7 @@ def test_fast_path_with_initial_state_and_unbatched_input(monkeypatch):
                  _record(lstm, x[:, 0], one, "every_step", True, monkeypatch))
 
 
-def test_fast_path_under_autocast_recomputes_in_float32(monkeypatch):
+def test_production_path_under_autocast_recomputes_in_float32(monkeypatch):
     torch.manual_seed(2)
     lstm = nn.LSTM(F, H, num_layers=2)
     x = torch.randn(T, B, F)
@@ -136,8 +138,8 @@ def test_top_layer_comes_from_the_modules_output_when_it_is_the_recurrence(
     torch.manual_seed(0)
     lstm = nn.LSTM(F, H, num_layers=layers, dropout=dropout).train(train)
     seen = []
-    kernel = fast._run_kernel
-    monkeypatch.setattr(fast, "_run_kernel", lambda *a: seen.append(1) or kernel(*a))
+    kernel = recurrence._run_kernel
+    monkeypatch.setattr(recurrence, "_run_kernel", lambda *a: seen.append(1) or kernel(*a))
     with lstmwatch.watch(lstm, log_every=1, sample=4, console=False) as w:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, _ = lstm(torch.randn(T, B, F))
@@ -159,7 +161,7 @@ GRU_CONFIGS = {
 @pytest.mark.parametrize("packed", [False, True], ids=["tensor", "packed"])
 @pytest.mark.parametrize("kind", ("last_step", "every_step", "h_n_c_n"))
 @pytest.mark.parametrize("kw", GRU_CONFIGS.values(), ids=GRU_CONFIGS.keys())
-def test_gru_fast_path_equals_general_recurrence(kw, kind, packed, monkeypatch):
+def test_gru_production_path_equals_reference(kw, kind, packed, monkeypatch):
     torch.manual_seed(0)
     gru = nn.GRU(F, H, **kw)
     x = 2 * torch.randn(B, T, F)
@@ -167,9 +169,9 @@ def test_gru_fast_path_equals_general_recurrence(kw, kind, packed, monkeypatch):
     if packed:
         xin = pack_padded_sequence(xin, torch.tensor(LENGTHS), batch_first=gru.batch_first, enforce_sorted=False)
     state = torch.randn(gru.num_layers * (2 if gru.bidirectional else 1), B, H)
-    fast_rec = _record(gru, xin, state, kind, False, monkeypatch)
-    assert "gru/gtt" in fast_rec.curves and "gru/l0/update/mean" in fast_rec.stats
-    _assert_same(fast_rec, _record(gru, xin, state, kind, True, monkeypatch))
+    production_rec = _record(gru, xin, state, kind, False, monkeypatch)
+    assert "gru/gtt" in production_rec.curves and "gru/l0/update/mean" in production_rec.stats
+    _assert_same(production_rec, _record(gru, xin, state, kind, True, monkeypatch))
 
 
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
@@ -178,7 +180,7 @@ def test_gru_fast_path_equals_general_recurrence(kw, kind, packed, monkeypatch):
     [((1, B, F), torch.float32), ((T, 1, F), torch.float32), ((T, B, F), torch.float64)],
     ids=["one_step", "one_sequence", "float64"],
 )
-def test_fast_path_on_edge_shapes(rnn, shape, dtype, monkeypatch):
+def test_production_path_on_edge_shapes(rnn, shape, dtype, monkeypatch):
     torch.manual_seed(4)
     module = rnn(F, H, num_layers=2, bidirectional=True).to(dtype)
     x = torch.randn(*shape, dtype=dtype)

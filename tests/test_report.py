@@ -11,11 +11,14 @@ import torch
 from torch import nn
 
 import lstmwatch
-from lstmwatch.events import Event, Record
-from lstmwatch.report import RunView, as_run
-from lstmwatch.report.html import render, write
-from lstmwatch.report.plot import PANELS
-from lstmwatch.runlog import event_line
+import lstmwatch.report
+from lstmwatch.events import Event
+from lstmwatch.record import Record
+from lstmwatch.report import as_run
+from lstmwatch.report.figure import PANELS
+from lstmwatch.report.html import page, render, write
+from lstmwatch.run import Run
+from lstmwatch.runlog.format import event_line
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -66,7 +69,7 @@ def panels(fig) -> set[str]:
 
 
 def test_plot_of_a_watcher_a_run_and_a_path(watched):
-    path = watched.sinks[-1].path
+    path = watched.log_path
     for what in (watched, lstmwatch.load(path), str(path), Path(path)):
         fig = lstmwatch.plot(what)
         try:
@@ -88,14 +91,14 @@ def test_plot_marks_events_nonfinite_values_and_survives_an_empty_run():
             for s, v, g in [(1, 1.0, 0.5), (2, 0.8, 0.0), (4, math.inf, math.nan), (8, math.nan, math.inf)]]
     events = [Event(2, "exploding_gradient", "warning", "m", "measured", "fix"),
               Event(4, "nonfinite", "error", "", "measured", "fix")]
-    fig = lstmwatch.plot(RunView({"modules": [{"name": "m"}]}, recs, events))
+    fig = lstmwatch.plot(Run({"modules": [{"name": "m"}]}, recs, events))
     try:
         loss = next(ax for ax in fig.axes if ax.get_label() == "loss")
         text = " ".join(t.get_text() for t in loss.texts)
         assert "exploding_gradient" in text and "nonfinite" in text
     finally:
         plt.close(fig)
-    fig = lstmwatch.plot(RunView({}, [], []))
+    fig = lstmwatch.plot(Run({}, [], []))
     try:
         assert set(PANELS) <= panels(fig)
     finally:
@@ -106,9 +109,40 @@ def test_as_run_refuses_what_it_cannot_read():
     with pytest.raises(TypeError, match="Watcher"):
         as_run(42)
 
+    class Probe:  # what the report once read: it reads only as_run() now
+        probes, records, events, sinks = [], [], [], []
+
+    with pytest.raises(TypeError, match="Watcher"):
+        as_run(Probe())
+
+
+def test_plot_twice(watched):
+    # The function lstmwatch.report.plot must stay the function after a figure was drawn (it was once
+    # replaced by its submodule of the same name: 'module' object is not callable).
+    import lstmwatch.report as R
+
+    run = lstmwatch.load(watched.log_path)
+    figs = [R.plot(run), R.plot(run), lstmwatch.plot(run), lstmwatch.plot(run), R.plot(run)]  # each looked up anew
+    for fig in figs:
+        assert isinstance(fig, Figure)
+        plt.close(fig)
+    assert callable(R.plot) and R.plot is lstmwatch.report.plot
+
+
+def test_the_report_of_a_watcher_is_the_report_of_its_log(watched):
+    run = as_run(watched)
+    assert isinstance(run, Run) and run.source == str(watched.log_path) and run.complete
+    assert render(watched, plots=False) == render(watched.log_path, plots=False)
+
+
+def test_page_is_the_shared_style():
+    text = page("a <title>", "<p>body</p>")
+    assert text.startswith("<!DOCTYPE html>") and text.endswith("</main></body></html>\n")
+    assert "<title>a &lt;title&gt;</title>" in text and "<p>body</p>" in text and ".verdict" in text
+
 
 def test_report_is_self_contained_and_in_order(watched, tmp_path):
-    out = write(watched.sinks[-1].path, tmp_path / "sub" / "report.html")
+    out = write(watched.log_path, tmp_path / "sub" / "report.html")
     text = Path(out).read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
     assert re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I) is None
@@ -122,7 +156,7 @@ def test_report_is_self_contained_and_in_order(watched, tmp_path):
 def test_report_escapes_everything_from_the_model_and_the_run(tmp_path):
     torch.manual_seed(0)
     w = train(tmp_path, name=ODD, steps=3)
-    log = Path(w.sinks[-1].path)
+    log = Path(w.log_path)
     lines = log.read_text().splitlines(keepends=True)
     for e in (Event(2, "exploding_gradient", "error", ODD, "norm <b>9</b> & more", "use `clip_grad_norm_(m, 1.0)`"),
               Event(3, "<img src=x onerror=alert(1)>", "warning", "", "<i>", "<u>")):

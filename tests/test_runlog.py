@@ -7,14 +7,20 @@ import math
 import os
 import platform
 import re
+import time
 
 import pytest
 import torch
 from torch import nn
 
 import lstmwatch
-from lstmwatch.events import Event, Record
-from lstmwatch.runlog import load
+from lstmwatch.cli import find_log
+from lstmwatch.events import Event
+from lstmwatch.interfaces import Header, ModuleInfo, Summary
+from lstmwatch.record import Record
+from lstmwatch.run import Run
+from lstmwatch.runlog import FORMAT, load, newest, run_logs
+from lstmwatch.runlog.format import header_line
 from lstmwatch.sinks import RunLogSink, make_sinks
 
 pytestmark = pytest.mark.timeout(60)
@@ -154,6 +160,7 @@ def test_two_runs_in_one_second_get_two_files(tmp_path):
     a, b = train(steps=1, log_dir=tmp_path), train(steps=1, log_dir=tmp_path)
     assert log_sink(a).path != log_sink(b).path and len(list(tmp_path.iterdir())) == 2
     assert len(load(log_sink(b).path).records) == 1
+    assert lstmwatch.load(tmp_path).path == newest(tmp_path) == log_sink(b).path  # the second run is the newest
 
 
 @pytest.mark.parametrize("keep", [1, 10, -2, -1])
@@ -209,9 +216,9 @@ def test_nonfinite_values_survive(tmp_path):
     rec = Record(step=3, loss=nan, stats={"loss": nan, "grad_norm": inf, "m/l0/x": -inf, "m/l0/y": 0.5},
                  curves={"m/gtt": [1.0, nan, inf, -inf]}, val_loss=-inf, modules=("m",))
     sink = RunLogSink(path=tmp_path / "nan.jsonl")
-    sink.write(rec)
-    sink.emit(Event(3, "nonfinite", "error", "m", "NaN in the loss", "lower the learning rate"))
-    sink.close()
+    sink.write(rec, [Event(3, "nonfinite", "error", "m", "NaN in the loss", "lower the learning rate",
+                           where="loss", values={"first": 3.0, "norm": nan, "peak": inf})])
+    sink.close(Summary(3))
     text = (tmp_path / "nan.jsonl").read_text()
     # Standard JSON throughout: no bare NaN or Infinity tokens.
     for line in text.splitlines():
@@ -219,6 +226,9 @@ def test_nonfinite_values_survive(tmp_path):
     run = load(tmp_path / "nan.jsonl")
     assert len(run.records) == 1 and same_record(run.records[0], rec)
     assert run.events[0].kind == "nonfinite" and run.modules == ["m"]
+    assert run.events[0].where == "loss" and run.events[0].values["first"] == 3.0
+    assert math.isnan(run.events[0].values["norm"]) and run.events[0].values["peak"] == inf
+    assert run.complete and run.steps == 3
 
 
 def test_nonfinite_loss_in_a_real_run(tmp_path):
@@ -268,3 +278,115 @@ def test_make_sinks_options(tmp_path):
     with pytest.raises(ValueError, match="no nn.LSTM"):
         lstmwatch.watch(nn.Linear(3, 3), log_dir=tmp_path / "never")
     assert list((tmp_path / "never").iterdir()) == []
+
+
+# --- the sink protocol, events' where and values, old logs
+
+def test_sink_writes_what_it_is_given_and_holds_no_watcher(tmp_path):
+    header = Header.of([ModuleInfo("enc", "lstm", {"hidden_size": 8})], log_every=5, sample=4)
+    sink = RunLogSink(path=tmp_path / "r.jsonl")
+    sink.start(header)
+    rec = Record(step=5, loss=0.5, stats={"loss": 0.5, "enc/grad_norm": 1.0}, modules=("enc",))
+    ev = Event(5, "exploding_gradient", "warning", "enc", "m", "h", where="l0", values={"ratio": 12.5})
+    sink.write(rec, [ev])
+    sink.close(Summary(steps=7, records=1, events=1))
+    sink.close(Summary(steps=8))  # a second close writes nothing
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [o["type"] for o in lines] == ["header", "record", "event", "end"]
+    # The header line is the Header's values, in the order the file has always had, plus type and format.
+    assert list(lines[0]) == ["type", "format", "lstmwatch", "torch", "python", "pid", "created", "log_every",
+                              "sample", "modules"]
+    assert lines[0] == {"type": "header", "format": FORMAT, **header.as_dict()}
+    assert "modules" not in lines[1]  # the header's modules: not repeated on every record
+    assert lines[2]["where"] == "l0" and lines[2]["values"] == {"ratio": 12.5}
+    assert lines[3] == {"type": "end", "steps": 7}
+    run = load(tmp_path / "r.jsonl")
+    assert run.events == [ev] and run.steps == 7 and run.configs == {"enc": {"kind": "lstm", "hidden_size": 8}}
+    assert not any(isinstance(v, lstmwatch.Watcher) for v in vars(sink).values())
+
+
+def test_a_log_written_before_where_and_values_still_loads(copy):
+    lines = copy.read_text().splitlines(keepends=True)
+    old = []
+    for line in lines:
+        obj = json.loads(line)
+        if obj["type"] == "event":
+            del obj["where"], obj["values"]
+            line = json.dumps(obj) + "\n"
+        old.append(line)
+    copy.write_text("".join(old))
+    run = load(copy)
+    assert [(e.step, e.where, e.values) for e in run.events] == [(4, "", {}), (6, "", {}), (8, "", {})]
+
+
+def test_keys_and_line_types_a_reader_does_not_know_are_skipped(copy):
+    # What keeps the format number at 1 when a key is added: an older reader reads a newer file's lines.
+    lines = copy.read_text().splitlines(keepends=True)
+    obj = json.loads(lines[1])
+    obj["from_the_future"] = {"x": 1}
+    lines[1] = json.dumps(obj) + "\n"
+    lines.insert(2, json.dumps({"type": "checkpoint", "step": 1}) + "\n")
+    copy.write_text("".join(lines))
+    assert len(load(copy).records) == 6
+    head = json.loads(lines[0])
+    head["format"] = FORMAT + 1
+    lines[0] = json.dumps(head) + "\n"
+    copy.write_text("".join(lines))
+    with pytest.raises(ValueError, match="newer lstmwatch"):
+        load(copy)
+
+
+def test_a_live_run_is_the_run_its_log_reads_back(full):
+    w, path = full
+    live = Run.live(w.header, w.records, w.events, w.step_count, path)
+    run = load(path)
+    assert live.modules == run.modules and live.configs == run.configs
+    assert live.steps == run.steps == live.step_count == 10 and live.complete and run.complete
+    assert live.events == run.events and all(map(same_record, live.records, run.records))
+    assert live.summary() == run.summary() and live.name == run.name == path.stem
+    assert live.source == run.source == str(path)
+    assert {k: v for k, v in run.header.items() if k not in ("type", "format", "created", "pid")} == {
+        k: v for k, v in live.header.items() if k not in ("created", "pid")}
+    assert Run.live(Header.of([]), [], [], 0).name == "run" and repr(Run({}))
+
+
+# --- the newest log of a folder: one rule for lstmwatch.load and the CLI
+
+def _log(path, created: str, mtime: float) -> None:
+    header = json.loads(header_line(Header.of([ModuleInfo("lstm", "lstm")])))
+    header["created"] = created
+    path.write_text(json.dumps(header) + "\n" + json.dumps({"type": "end", "steps": 0}) + "\n")
+    os.utime(path, (mtime, mtime))
+
+
+def test_newest_is_the_run_started_last_whatever_the_names_and_times_of_the_files(tmp_path, capsys):
+    now = time.time()
+    # Started last, but its name sorts first and it was modified (copied) first.
+    _log(tmp_path / "a-baseline.jsonl", "2024-05-02T10:00:00+00:00", now - 100)
+    _log(tmp_path / "20240501-120000-77.jsonl", "2024-05-01T10:00:00+00:00", now - 10)
+    _log(tmp_path / "zz-copied-in.jsonl", "2024-04-01T10:00:00+00:00", now)
+    (tmp_path / "notes.jsonl").write_text('{"text": "not a run log"}\n')  # newest of all, not a run log
+    (tmp_path / "dir.jsonl").mkdir()
+    assert [p.name for p in run_logs(tmp_path)] == ["zz-copied-in.jsonl", "20240501-120000-77.jsonl",
+                                                    "a-baseline.jsonl"]
+    assert newest(tmp_path).name == "a-baseline.jsonl"
+    assert lstmwatch.load(tmp_path).path == tmp_path / "a-baseline.jsonl"
+    assert find_log(str(tmp_path)) == str(tmp_path / "a-baseline.jsonl")
+    assert "newest of 3 run logs" in capsys.readouterr().err
+
+
+def test_runs_started_in_the_same_second_are_ordered_by_the_writers_suffix(tmp_path):
+    now = time.time()
+    same = "2024-05-01T10:00:00+00:00"
+    # By name '-2' sorts before its first run and '-10' before '-9'; by mtime the first run is newest.
+    for i, n in enumerate(["", "-2", "-9", "-10"]):
+        _log(tmp_path / f"20240501-120000-77{n}.jsonl", same, now - i)
+    assert newest(tmp_path).name == lstmwatch.load(tmp_path).path.name == "20240501-120000-77-10.jsonl"
+    assert os.path.basename(find_log(str(tmp_path))) == "20240501-120000-77-10.jsonl"
+
+
+def test_no_run_log_in_a_folder(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"x": 1}\n')
+    with pytest.raises(FileNotFoundError, match="no lstmwatch run log"):
+        lstmwatch.load(tmp_path)
+    assert run_logs(tmp_path) == []

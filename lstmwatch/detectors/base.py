@@ -1,46 +1,20 @@
-"""What detectors share: reading a record, the loss trend, and raising a persistent fault once."""
+"""What detectors share: judging a value, raising a persistent fault once, the facts a decision returns, and
+saving all of it to resume a run."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
-from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeGuard
 
 from ..events import Event, Record, Severity
+from .trend import LossTrend
 
-_LAYER = re.compile(r"^l(\d+)(_reverse)?$")
 
-
-def finite(v: float | None) -> bool:
+def finite(v: float | None) -> TypeGuard[float]:
     """A value that can be judged: present and finite."""
     return v is not None and math.isfinite(v)
-
-
-def layers(record: Record, module: str) -> list[str]:
-    """Layer-direction labels of a module present in a record ('l0', 'l0_reverse', ...), in order."""
-    p = module + "/"
-    found = {k[len(p):].split("/", 1)[0] for k in record.stats if k.startswith(p) and k.endswith("/grad_norm")}
-    labs = [lab for lab in found if _LAYER.match(lab)]
-    return sorted(labs, key=lambda lab: (int(_LAYER.match(lab).group(1)), lab))
-
-
-def layer_norms(record: Record, module: str) -> dict[int, float]:
-    """Gradient norm of each layer, both directions together."""
-    out: dict[int, float] = {}
-    for lab in layers(record, module):
-        v = record.stats.get(f"{module}/{lab}/grad_norm")
-        if v is not None:
-            k = int(_LAYER.match(lab).group(1))
-            out[k] = math.sqrt(out.get(k, 0.0) ** 2 + v * v)
-    return out
-
-
-def max_update_ratio(record: Record, module: str | None = None) -> float | None:
-    """The largest update-to-weight ratio of a module (or of all), if this record measured it."""
-    vals = [v for k, v in record.stats.items() if k.endswith("/update_ratio") and finite(v)
-            and (module is None or k.startswith(module + "/"))]
-    return max(vals) if vals else None
 
 
 def fmt(v: float) -> str:
@@ -54,59 +28,6 @@ def fmt(v: float) -> str:
 def pct(v: float) -> str:
     """A fraction as a percentage."""
     return f"{100 * v:.0f}%"
-
-
-class LossTrend:
-    """The training loss seen through the records: its starting level, best and latest smoothed values.
-
-    The starting level is the mean loss over the first `start_steps` steps (each record's mean loss
-    weighted by the steps it covers), so a few lucky first batches do not set it. The latest value is the
-    mean over the last `smooth_steps` steps or more (whole records), so records every step on small noisy
-    batches read like records every 50; the best is the lowest such value. After a non-finite loss the
-    trend stops: what follows is the non-finite detector's.
-    """
-
-    def __init__(self, start_steps: int = 50, sign: float = 1.0, smooth_steps: int = 50):
-        self.start_steps, self.sign, self.smooth_steps = start_steps, sign, smooth_steps
-        self._sum = self._covered = 0.0
-        self._recent: deque[tuple[int, float]] = deque()  # (steps covered, mean loss) of the latest records
-        self.level0: float | None = None
-        self.best: float | None = None
-        self.latest: float | None = None
-        self.step = self._prev_step = 0
-        self.broken = False
-
-    def update(self, record: Record) -> None:
-        """Take the record's mean loss since the previous record."""
-        v = record.stats.get("loss_mean")
-        if v is None or self.broken:
-            return
-        if not math.isfinite(v):
-            self.broken = True
-            return
-        v *= self.sign
-        span = max(record.step - self._prev_step, 1)
-        self._prev_step = self.step = record.step
-        if self._covered < self.start_steps:
-            self._sum += v * span
-            self._covered += span
-            self.level0 = self._sum / self._covered
-        self._recent.append((span, v))
-        while len(self._recent) > 1 and sum(n for n, _ in self._recent) - self._recent[0][0] >= self.smooth_steps:
-            self._recent.popleft()  # the newer records cover the window without it
-        self.latest = sum(n * x for n, x in self._recent) / sum(n for n, _ in self._recent)
-        self.best = self.latest if self.best is None else min(self.best, self.latest)
-
-    def improvement(self) -> float | None:
-        """Relative improvement of the latest loss over the starting level (0.1 = 10% lower)."""
-        if self.level0 is None or self.latest is None or self.broken:
-            return None
-        return (self.level0 - self.latest) / max(abs(self.level0), 1e-12)
-
-    def stalled(self, min_steps: int, min_delta: float) -> bool:
-        """No improvement of at least min_delta (relative) after min_steps steps."""
-        imp = self.improvement()
-        return imp is not None and self.step >= min_steps and imp < min_delta
 
 
 class Latch:
@@ -138,32 +59,13 @@ class Latch:
             return True
         return False
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: what was raised and how long each fault has been quiet."""
+        return {"fired": dict(self.fired), "quiet": dict(self.quiet)}
 
-class Detector:
-    """Base of the default detectors: `update(record) -> list[Event]`; subclasses implement `_check`."""
-
-    kind = ""
-    severity: Severity = "warning"
-
-    def __init__(self) -> None:
-        self.latch = Latch()
-        self.streak = Streak()
-
-    def persists(self, key: str, present: bool, step: int, patience: int, badness: float = 1.0) -> int:
-        """Feed a fault's raw condition; returns how long it has held when it is to be raised now, else 0."""
-        n = self.streak.update(key, present, step)
-        return n if self.latch.check(key, n >= patience, badness, present) else 0
-
-    def update(self, record: Record) -> list[Event]:
-        """Read one record; return the events it raises."""
-        return list(self._check(record))
-
-    def event(self, record: Record, module: str, message: str, hint: str, severity: Severity | None = None) -> Event:
-        """An event of this detector's kind at the record's step."""
-        return Event(record.step, self.kind, severity or self.severity, module, message, hint)
-
-    def _check(self, record: Record) -> Iterable[Event]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Resume from `state_dict()`'s values."""
+        self.fired, self.quiet = dict(d["fired"]), dict(d["quiet"])
 
 
 class Streak:
@@ -182,3 +84,106 @@ class Streak:
             self.count[key] = 0
             self.since.pop(key, None)
         return self.count[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: each key's count and the step its streak began."""
+        return {"count": dict(self.count), "since": dict(self.since)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Resume from `state_dict()`'s values."""
+        self.count, self.since = dict(d["count"]), dict(d["since"])
+
+
+@dataclass(frozen=True)
+class Fact:
+    """What a detector decided to raise, before any words: the module, where in it, which form of the fault
+    (`variant`, e.g. 'layers' or 'time' for vanishing gradient) and the values measured, by name."""
+
+    module: str
+    where: str = ""
+    variant: str = ""
+    values: dict[str, float] = field(default_factory=dict, hash=False)
+    severity: Severity | None = None  # None: the detector's own
+
+
+def _plain(v: Any) -> Any:
+    """A detector attribute as JSON-able values (deques and tuples as lists, savable parts as their state)."""
+    if hasattr(v, "state_dict"):
+        return v.state_dict()
+    if isinstance(v, (deque, tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _restored(current: Any, saved: Any) -> Any:
+    """`saved` in the shape of the attribute it replaces (a deque keeps its maxlen)."""
+    if hasattr(current, "load_state_dict"):
+        current.load_state_dict(saved)
+        return current
+    if isinstance(current, deque):
+        return deque(saved, maxlen=current.maxlen)
+    return saved
+
+
+class Detector:
+    """Base of the default detectors: `update(record) -> list[Event]`.
+
+    A subclass decides in `_decide(record, trend) -> list[Fact]` (its state and the record, nothing else)
+    and words each fact in `_describe(fact) -> (message, hint)`. Alone, a detector keeps its own loss trend;
+    in a `Detectors` suite it reads the suite's, updated once per record (`read`).
+    """
+
+    kind: ClassVar[str] = ""
+    severity: ClassVar[Severity] = "warning"
+    needs_trend: ClassVar[bool] = False  # whether `_decide` reads the loss trend
+    _state: ClassVar[tuple[str, ...]] = ()  # attributes a checkpoint keeps besides the latch, streak and trend
+
+    def __init__(self) -> None:
+        self.latch = Latch()
+        self.streak = Streak()
+        self.trend = LossTrend()  # its own, used when it runs alone
+
+    def update(self, record: Record) -> list[Event]:
+        """Read one record; return the events it raises."""
+        if self.needs_trend:
+            self.trend.update(record)
+        return self.read(record, self.trend)
+
+    def read(self, record: Record, trend: LossTrend) -> list[Event]:
+        """Read one record against a loss trend already updated with it; return the events it raises."""
+        return [self.event(record, f) for f in self._decide(record, trend)]
+
+    def event(self, record: Record, fact: Fact) -> Event:
+        """The event of a fact: this detector's kind at the record's step, in words."""
+        message, hint = self._describe(fact)
+        return Event(record.step, self.kind, fact.severity or self.severity, fact.module, message, hint,
+                     fact.where, dict(fact.values))
+
+    def persists(self, key: str, present: bool, step: int, patience: int, badness: float = 1.0) -> int:
+        """Feed a fault's raw condition; returns how long it has held when it is to be raised now, else 0."""
+        n = self.streak.update(key, present, step)
+        return n if self.latch.check(key, n >= patience, badness, present) else 0
+
+    def _state_names(self) -> tuple[str, ...]:
+        return ("latch", "streak", *(("trend",) if self.needs_trend else ()), *self._state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: the streaks, latches, trend and history a resumed run needs."""
+        return {n: _plain(getattr(self, n)) for n in self._state_names()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Resume from `state_dict()`'s values."""
+        for n in self._state_names():
+            setattr(self, n, _restored(getattr(self, n), d[n]))
+
+    def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
+        """What to raise on a record; by default each watched module on its own (`_decide_module`)."""
+        return [f for m in record.modules if (f := self._decide_module(record, trend, m)) is not None]
+
+    def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:  # pragma: no cover - abstract
+        raise NotImplementedError

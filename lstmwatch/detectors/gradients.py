@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from statistics import median
 
-from ..events import Event, Record
-from .base import Detector, LossTrend, finite, fmt, layer_norms, max_update_ratio
+from .. import keys
+from ..events import Record
+from .base import Detector, Fact, finite, fmt
+from .trend import LossTrend
 
 CLIP_HINT = ("clip the gradient norm before the optimizer step, "
              "`torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)`, "
@@ -25,58 +26,78 @@ class ExplodingGradient(Detector):
     """
 
     kind = "exploding_gradient"
+    _state = ("history", "prev_loss", "best_loss")
 
     def __init__(self, threshold: float = 10.0, window: int = 10, min_update_ratio: float = 0.1,
                  max_update_ratio: float = 1.0, through_time: float = 100.0):
         super().__init__()
         self.threshold, self.min_update_ratio = threshold, min_update_ratio
         self.max_update_ratio, self.through_time = max_update_ratio, through_time
-        self.history: deque[float] = deque(maxlen=window)
+        self.history: deque[float] = deque(maxlen=window)  # the global gradient norm of the latest records
         self.prev_loss: float | None = None
         self.best_loss: float | None = None
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        s = record.stats
-        g, loss = s.get("grad_norm"), s.get("loss_mean")
-        ratio = max_update_ratio(record)
-        biggest = max(record.modules, key=lambda m: s.get(f"{m}/grad_norm", 0) or 0) if record.modules else ""
-        found: list[tuple[str, str, float]] = []  # (module, what, badness)
+    def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
+        g, loss = record.get(keys.GRAD_NORM), record.get(keys.LOSS_MEAN)
+        ratio = record.max_update_ratio()
+        found: list[tuple[Fact, float]] = []  # (fact, badness), several per module possible: the first counts
         if finite(g) and len(self.history) >= 2:
             level = median(self.history)
             # The loss jumped too, well above where it was: noise between records does not count.
             rose = (finite(loss) and self.prev_loss is not None and self.best_loss is not None
                     and loss > 1.5 * self.prev_loss and loss > 2 * self.best_loss)
             if level > 0 and g > self.threshold * level and (rose or (ratio or 0) > self.min_update_ratio):
-                found.append((biggest, f"the gradient norm jumped to {fmt(g)}, {g / level:.0f}x its running level "
-                              f"of {fmt(level)} (threshold {self.threshold:g}x), and the step "
-                              + ("raised the loss" if rose else f"moved the weights by {fmt(ratio)} of their norm"),
-                              g / level))
+                biggest = (max(record.modules, key=lambda m: record.module_stat(m, "grad_norm") or 0)
+                           if record.modules else "")
+                values = {"grad_norm": g, "level": level, "threshold": self.threshold, "loss_rose": float(rose)}
+                if ratio is not None:
+                    values["update_ratio"] = ratio
+                found.append((Fact(biggest, variant="jump", values=values), g / level))
         if ratio is not None and ratio > self.max_update_ratio:
-            m = max(record.modules, key=lambda m: max_update_ratio(record, m) or 0)
-            found.append((m, f"one optimizer step changed the weights by {fmt(ratio)} times their norm "
-                          f"(threshold {self.max_update_ratio:g}; healthy is about 1e-3)", ratio))
+            m = max(record.modules, key=lambda m: record.max_update_ratio(m) or 0)
+            # The layer-direction that moved most.
+            where = max(record.layers(m, "update_ratio"), key=lambda lab: record.layer_stat(m, lab, "update_ratio")
+                        or 0, default="")
+            found.append((Fact(m, where, "update", {"update_ratio": ratio, "threshold": self.max_update_ratio}),
+                          ratio))
         for m in record.modules:
-            r = s.get(f"{m}/gtt/gain")
+            r = record.get(keys.gtt_key(m, stat="gain"))
             if finite(r) and r > self.through_time:
-                found.append((m, f"the gradient grows back through time: dL/dh at the first step is {fmt(r)}x "
-                              f"all the gradient the loss put in along the sequence (threshold "
-                              f"{self.through_time:g}x; healthy is at most about 1)", r))
+                found.append((Fact(m, variant="gain", values={"gain": r, "threshold": self.through_time}), r))
         if finite(g) and g > 0:
             self.history.append(g)
         if finite(loss):
             self.prev_loss = loss
             self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
-        seen = set()
-        for m, what, bad in found:
-            if m in seen:
+        out: list[Fact] = []
+        seen: set[str] = set()
+        for fact, bad in found:
+            if fact.module in seen:
                 continue
-            seen.add(m)
-            if self.latch.check(m, True, bad):
-                yield self.event(record, m, f"{what}. The updates are too large for the weights: training "
-                                 "oscillates or diverges.", CLIP_HINT + "; for long sequences also consider truncated "
-                                 "backpropagation through time.")
+            seen.add(fact.module)
+            if self.latch.check(fact.module, True, bad):
+                out.append(fact)
         for m in set(record.modules) - seen:
             self.latch.check(m, False)
+        return out
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        if fact.variant == "jump":
+            g, level = v["grad_norm"], v["level"]
+            what = (f"the gradient norm jumped to {fmt(g)}, {g / level:.0f}x its running level of {fmt(level)} "
+                    f"(threshold {v['threshold']:g}x), and the step "
+                    + ("raised the loss" if v["loss_rose"] else f"moved the weights by {fmt(v['update_ratio'])} of "
+                       "their norm"))
+        elif fact.variant == "update":
+            what = (f"one optimizer step changed the weights by {fmt(v['update_ratio'])} times their norm "
+                    f"(threshold {v['threshold']:g}; healthy is about 1e-3)")
+        else:
+            what = (f"the gradient grows back through time: dL/dh at the first step is {fmt(v['gain'])}x "
+                    f"all the gradient the loss put in along the sequence (threshold {v['threshold']:g}x; healthy "
+                    "is at most about 1)")
+        return (f"{what}. The updates are too large for the weights: training oscillates or diverges.",
+                CLIP_HINT + "; for long sequences also consider truncated backpropagation through time.")
 
 
 class VanishingGradient(Detector):
@@ -90,52 +111,59 @@ class VanishingGradient(Detector):
     """
 
     kind = "vanishing_gradient"
+    needs_trend = True
+    _state = ("updates",)
 
     def __init__(self, threshold: float = 1e-2, through_time: float = 1e-6, patience: int = 3,
                  loss_patience: int = 100, min_delta: float = 0.05, min_update: float = 1e-4):
         super().__init__()
         self.min_update = min_update
-        self.updates: dict[str, float] = {}
+        self.updates: dict[str, float] = {}  # module -> its latest measured update ratio
         self.threshold, self.through_time, self.patience = threshold, through_time, patience
         self.loss_patience, self.min_delta = loss_patience, min_delta
-        self.trend = LossTrend()
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        self.trend.update(record)
-        stalled = self.trend.stalled(self.loss_patience, self.min_delta)
-        for m in record.modules:
-            norms = layer_norms(record, m)
-            what, bad, present = None, 0.0, False
-            if len(norms) >= 2:
-                first, last = norms[min(norms)], norms[max(norms)]
-                ratio = first / last if last > 0 else None
-                starved = ratio is not None and ratio < self.threshold
-                present |= starved
-                n = self.streak.update(m + "/layers", starved, record.step)
-                if ratio is not None and n >= self.patience:
-                    what = (f"layer 0 gets {fmt(ratio)} of the gradient of layer {max(norms)} "
-                            f"({fmt(first)} against {fmt(last)}; threshold {self.threshold:g}) for "
-                            f"{n} logging steps: the first layers of the stack barely learn")
-                    bad = 1 / max(ratio, 1e-30)
-            r = record.stats.get(f"{m}/gtt/ratio")
-            u = max_update_ratio(record, m)
-            if u is not None:
-                self.updates[m] = u
-            # A stall with tiny updates is the learning rate's fault, not the gradient's path through time.
-            moving = self.updates.get(m, 0.0) >= self.min_update
-            no_memory = stalled and moving and finite(r) and r < self.through_time
-            present |= no_memory
-            if what is None and self.streak.update(m + "/time", no_memory, record.step) >= 2:
-                imp = self.trend.improvement() or 0.0
-                what = (f"dL/dh at the first timestep is {fmt(r)} of that at the last (threshold "
-                        f"{self.through_time:g}) while the loss improved only {100 * imp:.1f}% in {self.trend.step} "
-                        "steps: the early timesteps get no gradient, so what they hold cannot be learned")
-                bad = 1 / max(r, 1e-30)
-            if self.latch.check(m, what is not None, bad, present) and what:
-                yield self.event(record, m, what + ".",
-                                 "use fewer layers or residual connections between them, shorter sequences or "
-                                 "truncated backpropagation through time, and a forget-gate bias of 1.0: "
-                                 "`lstmwatch.remedies.set_forget_bias(model, 1.0)`.")
+    def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        m = module
+        norms = record.layer_norms(m)
+        fact, bad, present = None, 0.0, False
+        if len(norms) >= 2:
+            first, last = norms[min(norms)], norms[max(norms)]
+            ratio = first / last if last > 0 else None
+            starved = ratio is not None and ratio < self.threshold
+            present |= starved
+            n = self.streak.update(m + "/layers", starved, record.step)
+            if ratio is not None and n >= self.patience:
+                fact = Fact(m, keys.layer_label(min(norms)), "layers",
+                            {"ratio": ratio, "first": first, "last": last, "last_layer": max(norms),
+                             "threshold": self.threshold, "records": n})
+                bad = 1 / max(ratio, 1e-30)
+        r = record.get(keys.gtt_key(m, stat="ratio"))
+        u = record.max_update_ratio(m)
+        if u is not None:
+            self.updates[m] = u
+        # A stall with tiny updates is the learning rate's fault, not the gradient's path through time.
+        moving = self.updates.get(m, 0.0) >= self.min_update
+        no_memory = trend.stalled(self.loss_patience, self.min_delta) and moving and finite(r) and r < self.through_time
+        present |= no_memory
+        if fact is None and self.streak.update(m + "/time", no_memory, record.step) >= 2 and finite(r):
+            fact = Fact(m, variant="time", values={"ratio": r, "threshold": self.through_time,
+                                                   "improvement": trend.improvement() or 0.0, "steps": trend.step})
+            bad = 1 / max(r, 1e-30)
+        return fact if self.latch.check(m, fact is not None, bad, present) else None
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        if fact.variant == "layers":
+            what = (f"layer 0 gets {fmt(v['ratio'])} of the gradient of layer {v['last_layer']} ({fmt(v['first'])} "
+                    f"against {fmt(v['last'])}; threshold {v['threshold']:g}) for {v['records']} logging steps: the "
+                    "first layers of the stack barely learn")
+        else:
+            what = (f"dL/dh at the first timestep is {fmt(v['ratio'])} of that at the last (threshold "
+                    f"{v['threshold']:g}) while the loss improved only {100 * v['improvement']:.1f}% in "
+                    f"{v['steps']} steps: the early timesteps get no gradient, so what they hold cannot be learned")
+        return (what + ".", "use fewer layers or residual connections between them, shorter sequences or "
+                "truncated backpropagation through time, and a forget-gate bias of 1.0: "
+                "`lstmwatch.remedies.set_forget_bias(model, 1.0)`.")
 
 
 class NoGradient(Detector):
@@ -147,22 +175,26 @@ class NoGradient(Detector):
         super().__init__()
         self.patience = patience
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        for m in record.modules:
-            s = record.of(m)
-            g, seen, trainable = s.get("grad_norm"), s.get("grads_seen"), s.get("trainable", 1.0)
-            if n := self.persists(m, seen == 0 or g == 0, record.step, self.patience):
-                if trainable == 0:
-                    yield self.event(record, m, "every parameter of this LSTM has requires_grad=False: it is frozen "
-                                     "and will not learn.", "if that is not intended: `lstm.requires_grad_(True)`.",
-                                     severity="info")
-                    continue
-                how = "no gradient reached its parameters" if seen == 0 else "its gradient is exactly zero"
-                yield self.event(record, m, f"for {n} logging steps {how}: nothing the loss depends on passes "
-                                 "through this LSTM, so it cannot learn.",
-                                 "make sure its output reaches the loss without `.detach()`, `.item()`, "
-                                 "`.numpy()` or `torch.no_grad()` in between, and that the output you use is not "
-                                 "replaced by something else (e.g. the input).")
+    def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        g, seen = record.module_stat(module, "grad_norm"), record.module_stat(module, "grads_seen")
+        n = self.persists(module, seen == 0 or g == 0, record.step, self.patience)
+        if not n:
+            return None
+        values = {"records": n, **{k: x for k, x in (("grads_seen", seen), ("grad_norm", g)) if x is not None}}
+        if record.module_stat(module, "trainable") == 0:  # an observation, not a fault
+            return Fact(module, variant="frozen", values=values, severity="info")
+        return Fact(module, variant="none" if seen == 0 else "zero", values=values)
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        if fact.variant == "frozen":
+            return ("every parameter of this LSTM has requires_grad=False: it is frozen and will not learn.",
+                    "if that is not intended: `lstm.requires_grad_(True)`.")
+        how = "no gradient reached its parameters" if fact.variant == "none" else "its gradient is exactly zero"
+        return (f"for {fact.values['records']} logging steps {how}: nothing the loss depends on passes "
+                "through this LSTM, so it cannot learn.",
+                "make sure its output reaches the loss without `.detach()`, `.item()`, "
+                "`.numpy()` or `torch.no_grad()` in between, and that the output you use is not "
+                "replaced by something else (e.g. the input).")
 
 
 class NotUpdated(Detector):
@@ -174,14 +206,18 @@ class NotUpdated(Detector):
         super().__init__()
         self.patience = patience
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        for m in record.modules:
-            g, ratio = record.stats.get(f"{m}/grad_norm"), max_update_ratio(record, m)
-            if ratio is None or not finite(g):
-                continue  # this record did not measure it (or the step was skipped by the GradScaler)
-            if n := self.persists(m, g > 0 and ratio == 0, record.step, self.patience):
-                yield self.event(record, m, f"it gets gradients (norm {fmt(g)}) but its weights did not change "
-                                 f"at all on {n} logging steps: the optimizer does not update it.",
-                                 "build the optimizer from all parameters after the model is complete, "
-                                 "`opt = torch.optim.Adam(model.parameters(), lr=1e-3)`; check that the "
-                                 "learning rate is above 0; call `watcher.step(loss)` after `opt.step()`.")
+    def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        g, ratio = record.module_stat(module, "grad_norm"), record.max_update_ratio(module)
+        if ratio is None or not finite(g):
+            return None  # this record did not measure it (or the step was skipped by the GradScaler)
+        if n := self.persists(module, g > 0 and ratio == 0, record.step, self.patience):
+            return Fact(module, values={"grad_norm": g, "update_ratio": ratio, "records": n})
+        return None
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        return (f"it gets gradients (norm {fmt(v['grad_norm'])}) but its weights did not change at all on "
+                f"{v['records']} logging steps: the optimizer does not update it.",
+                "build the optimizer from all parameters after the model is complete, "
+                "`opt = torch.optim.Adam(model.parameters(), lr=1e-3)`; check that the "
+                "learning rate is above 0; call `watcher.step(loss)` after `opt.step()`.")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from .. import keys
+from ..events import Record
+from .base import Detector, Fact, finite, fmt, pct
+from .trend import LossTrend
 
-from ..events import Event, Record
-from .base import Detector, finite, fmt, pct
+_STANDARDIZE = ("standardize each feature with statistics of the training set: "
+                "`mean, std = x_train.mean(dim=(0, 1)), x_train.std(dim=(0, 1))`, then "
+                "`x = (x - mean) / (std + 1e-8)` (or min-max scale to [0, 1]); apply the same to "
+                "validation and test data.")
 
 
 class UnnormalizedInput(Detector):
@@ -22,29 +27,36 @@ class UnnormalizedInput(Detector):
         super().__init__()
         self.max_mean, self.max_std, self.min_std, self.patience = max_mean, max_std, min_std, patience
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        for m in record.modules:
-            s = record.of(m)
-            mean, std = s.get("data/feat_mean_absmax"), s.get("data/feat_std_max")
-            if not (finite(mean) and finite(std)):
-                continue
-            big = mean > self.max_mean or std > self.max_std
-            tiny = std < self.min_std and mean < self.min_std
-            if not self.persists(m, big or tiny, record.step, self.patience, max(mean, std, 1.0)):
-                continue
-            if big:
-                msg = (f"the input features have means up to {fmt(mean)} and standard deviations up to {fmt(std)} "
-                       f"(|x| reaches {fmt(s.get('data/absmax', 0))}; thresholds: |mean| {self.max_mean:g}, std "
-                       f"{self.max_std:g}): the gates' pre-activations are pushed far from 0, the sigmoids and "
-                       "tanh saturate and their gradients vanish.")
-            else:
-                msg = (f"every input feature is nearly constant (std at most {fmt(std)}, threshold "
-                       f"{self.min_std:g}): the LSTM sees almost no signal.")
-            yield self.event(record, m, msg,
-                             "standardize each feature with statistics of the training set: "
-                             "`mean, std = x_train.mean(dim=(0, 1)), x_train.std(dim=(0, 1))`, then "
-                             "`x = (x - mean) / (std + 1e-8)` (or min-max scale to [0, 1]); apply the same to "
-                             "validation and test data.")
+    def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        mean = record.get(keys.data_key(module, "feat_mean_absmax"))
+        std = record.get(keys.data_key(module, "feat_std_max"))
+        if not (finite(mean) and finite(std)):
+            return None
+        big = mean > self.max_mean or std > self.max_std
+        tiny = std < self.min_std and mean < self.min_std
+        if not self.persists(module, big or tiny, record.step, self.patience, max(mean, std, 1.0)):
+            return None
+        values = {"feat_mean_absmax": mean, "feat_std_max": std}
+        absmax = record.get(keys.data_key(module, "absmax"))
+        if absmax is not None:
+            values["absmax"] = absmax
+        if big:
+            values.update(max_mean=self.max_mean, max_std=self.max_std)
+        else:
+            values["min_std"] = self.min_std
+        return Fact(module, variant="big" if big else "constant", values=values)
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        if fact.variant == "big":
+            msg = (f"the input features have means up to {fmt(v['feat_mean_absmax'])} and standard deviations up to "
+                   f"{fmt(v['feat_std_max'])} (|x| reaches {fmt(v.get('absmax', 0))}; thresholds: |mean| "
+                   f"{v['max_mean']:g}, std {v['max_std']:g}): the gates' pre-activations are pushed far from 0, "
+                   "the sigmoids and tanh saturate and their gradients vanish.")
+        else:
+            msg = (f"every input feature is nearly constant (std at most {fmt(v['feat_std_max'])}, threshold "
+                   f"{v['min_std']:g}): the LSTM sees almost no signal.")
+        return msg, _STANDARDIZE
 
 
 class Padding(Detector):
@@ -59,15 +71,17 @@ class Padding(Detector):
         super().__init__()
         self.threshold, self.patience = threshold, patience
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        for m in record.modules:
-            v = record.stats.get(f"{m}/data/pad_frac")
-            if not finite(v):
-                continue
-            if self.persists(m, v > self.threshold, record.step, self.patience):
-                yield self.event(record, m, f"{pct(v)} of the timesteps in the batch are trailing all-zero steps "
-                                 f"(threshold {pct(self.threshold)}) fed as a plain tensor: the LSTM runs on through "
-                                 "the padding, so its final state and h_n describe zeros, not the sequence.",
-                                 "pack the batch with the true lengths: `packed = nn.utils.rnn.pack_padded_sequence("
-                                 "x, lengths, batch_first=True, enforce_sorted=False)`, `out, (h_n, c_n) = "
-                                 "lstm(packed)`, and read `h_n[-1]` (or unpack with `pad_packed_sequence`).")
+    def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        v = record.get(keys.data_key(module, "pad_frac"))
+        if finite(v) and self.persists(module, v > self.threshold, record.step, self.patience):
+            return Fact(module, values={"pad_frac": v, "threshold": self.threshold})
+        return None
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        return (f"{pct(v['pad_frac'])} of the timesteps in the batch are trailing all-zero steps "
+                f"(threshold {pct(v['threshold'])}) fed as a plain tensor: the LSTM runs on through "
+                "the padding, so its final state and h_n describe zeros, not the sequence.",
+                "pack the batch with the true lengths: `packed = nn.utils.rnn.pack_padded_sequence("
+                "x, lengths, batch_first=True, enforce_sorted=False)`, `out, (h_n, c_n) = "
+                "lstm(packed)`, and read `h_n[-1]` (or unpack with `pad_packed_sequence`).")

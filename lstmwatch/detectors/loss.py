@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from ..events import Event, Record
-from .base import Detector, LossTrend, Streak, finite, fmt, max_update_ratio
+from .. import keys
+from ..events import Record
+from .base import Detector, Fact, Streak, finite, fmt
+from .trend import LossTrend
 
 
 def _sign(mode: str) -> float:
@@ -25,6 +25,8 @@ class StalledLoss(Detector):
     """
 
     kind = "stalled_loss"
+    needs_trend = True
+    _state = ("tiny", "ratios")
 
     def __init__(self, patience: int = 200, min_delta: float = 0.05, mode: str = "min", tiny_update: float = 1e-5,
                  tiny_patience: int = 3, low_update: float = 1e-4, low_patience: int = 50):
@@ -32,46 +34,61 @@ class StalledLoss(Detector):
         self.patience, self.min_delta = patience, min_delta
         self.tiny_update, self.tiny_patience = tiny_update, tiny_patience
         self.low_update, self.low_patience = low_update, low_patience
-        self.trend = LossTrend(sign=_sign(mode))
+        self.sign = _sign(mode)
         self.tiny = Streak()
-        self.ratios: list[float] = []
+        self.ratios: list[float] = []  # the update ratios of the last 5 records that moved the weights
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        self.trend.update(record)
-        r = max_update_ratio(record)
+    def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
+        r = record.max_update_ratio()
         if r is not None and r > 0:  # no update at all is not_updated's (or no_gradient's) finding
             self.ratios = (self.ratios + [r])[-5:]
-        imp = self.trend.improvement()
+        imp = trend.improvement(self.sign)
         if imp is None:
-            return
-        flat = imp < self.min_delta
+            return []
         typical = sorted(self.ratios)[len(self.ratios) // 2] if self.ratios else None
-        n_tiny = self.tiny.update("run", flat and typical is not None and typical < self.tiny_update, record.step)
-        stalled = (n_tiny >= self.tiny_patience
-                   or (flat and typical is not None and typical < self.low_update and record.step >= self.low_patience)
-                   or (flat and record.step >= self.patience))
+
+        def stalled(after: int) -> bool:
+            return trend.stalled(after, self.min_delta, self.sign, step=record.step)
+
+        n_tiny = self.tiny.update("run", stalled(0) and typical is not None and typical < self.tiny_update,
+                                  record.step)
+        low = typical is not None and typical < self.low_update
+        active = n_tiny >= self.tiny_patience or (low and stalled(self.low_patience)) or stalled(self.patience)
         # Cleared only once clearly learning: a loss that hovers at the threshold is raised once.
-        if not self.latch.check("", stalled, 1.0, present=imp < 2 * self.min_delta):
-            return
+        if not self.latch.check("", active, 1.0, present=imp < 2 * self.min_delta):
+            return []
+        latest, level0 = trend.latest, trend.level0()
+        assert latest is not None and level0 is not None  # an improvement needs both
+        values = {"steps": record.step, "loss": latest, "start": level0, "improvement": imp,
+                  "min_delta": self.min_delta}
+        if typical is not None:
+            values["update_ratio"] = typical
+        # What the update ratio says of the learning rate (healthy is about 1e-3 of the weights per step).
+        cause = "lr_low" if low else "lr_high" if typical is not None and typical > 1e-2 else "data"
+        return [Fact("", variant=cause, values=values)]
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        imp = v["improvement"]
         change = f"{'improved' if imp >= 0 else 'worsened'} {abs(100 * imp):.1f}%"
-        msg = (f"after {record.step} steps the loss ({fmt(self.trend.latest * self.trend.sign)}) has {change} from "
-               f"its starting level ({fmt(self.trend.level0 * self.trend.sign)}; progress counts from "
-               f"{100 * self.min_delta:g}%)")
-        if typical is not None and typical < self.low_update:
-            msg += (f", and each optimizer step changes the weights by only {fmt(typical)} of their norm "
+        msg = (f"after {v['steps']} steps the loss ({fmt(v['loss'])}) has {change} from its starting level "
+               f"({fmt(v['start'])}; progress counts from {100 * v['min_delta']:g}%)")
+        typical = v.get("update_ratio")
+        if fact.variant == "lr_low":
+            msg += (f", and each optimizer step changes the weights by only {fmt(v['update_ratio'])} of their norm "
                     "(healthy is about 1e-3): the learning rate is too low")
             hint = ("raise the learning rate 10x-100x (e.g. `torch.optim.Adam(model.parameters(), lr=1e-3)`), or "
                     "find it with a short learning-rate range test.")
-        elif typical is not None and typical > 1e-2:
-            msg += (f", while each step changes the weights by {fmt(typical)} of their norm (healthy is about 1e-3): "
-                    "the learning rate is so high that the steps overshoot")
+        elif fact.variant == "lr_high":
+            msg += (f", while each step changes the weights by {fmt(v['update_ratio'])} of their norm (healthy is "
+                    "about 1e-3): the learning rate is so high that the steps overshoot")
             hint = "lower the learning rate 10x, or use a schedule: `torch.optim.lr_scheduler.ReduceLROnPlateau(opt)`."
         else:
             msg += (f"; the weights move at a normal rate ({fmt(typical)} of their norm per step)" if typical else "")
             msg += ": the model is not learning from this data"
             hint = ("check that inputs and targets are aligned and normalized, that the loss fits the task, and "
                     "that the gradient reaches the LSTM (see the other lstmwatch warnings).")
-        yield self.event(record, "", msg + ".", hint)
+        return msg + ".", hint
 
 
 class DivergingLoss(Detector):
@@ -82,35 +99,39 @@ class DivergingLoss(Detector):
     """
 
     kind = "diverging_loss"
+    needs_trend = True
 
     def __init__(self, threshold: float = 3.0, patience: int = 2, spike: float = 25.0, mode: str = "min"):
         super().__init__()
         self.threshold, self.patience, self.spike = threshold, patience, spike
-        # The starting level from the first two steps only: a run that diverges at once must not
-        # pull its own yardstick up.
-        self.trend = LossTrend(start_steps=2, sign=_sign(mode))
+        self.sign = _sign(mode)
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        v = record.stats.get("loss_mean")
-        if not finite(v):
-            return
-        t = self.trend
-        best_before = t.best
-        t.update(record)
-        if best_before is None or t.level0 is None:
-            return
-        scale = max(t.level0 - best_before, abs(t.level0) / 2, 1e-12)
-        v = t.latest * t.sign  # smoothed as the best was: one bad small batch is not a divergence
-        rise = (t.latest - best_before) / scale
+    def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
+        if not finite(record.get(keys.LOSS_MEAN)):
+            return []
+        s = self.sign
+        # The starting level from the first two steps only: a run that diverges at once must not pull its
+        # own yardstick up. All in the direction of the mode (s * raw), as the best before this record.
+        best_raw, level0_raw, latest_raw = trend.best(s, prior=True), trend.level0(2), trend.latest
+        if best_raw is None or level0_raw is None or latest_raw is None:
+            return []
+        best, level0, latest = s * best_raw, s * level0_raw, s * latest_raw
+        scale = max(level0 - best, abs(level0) / 2, 1e-12)
+        rise = (latest - best) / scale  # smoothed as the best was: one bad small batch is not a divergence
         n = self.streak.update("run", rise > self.threshold, record.step)
         active = n >= self.patience or rise > self.spike
-        if self.latch.check("", active, max(rise, 1.0), present=rise > self.threshold):
-            yield self.event(record, "", f"the loss rose to {fmt(v)}, {rise:.1f}x the run's scale "
-                             f"({fmt(scale)}) above its best of {fmt(best_before * t.sign)} (threshold "
-                             f"{self.threshold:g}x for {self.patience} logging steps): training is diverging; "
-                             "the learning rate is too high.",
-                             "lower the learning rate 10x, e.g. `torch.optim.Adam(model.parameters(), lr=1e-3)`, "
-                             "and clip gradients: `torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`.")
+        if not self.latch.check("", active, max(rise, 1.0), present=rise > self.threshold):
+            return []
+        return [Fact("", values={"loss": latest_raw, "rise": rise, "scale": scale, "best": best_raw,
+                                 "threshold": self.threshold, "patience": self.patience})]
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        return (f"the loss rose to {fmt(v['loss'])}, {v['rise']:.1f}x the run's scale ({fmt(v['scale'])}) above its "
+                f"best of {fmt(v['best'])} (threshold {v['threshold']:g}x for {v['patience']} logging steps): "
+                "training is diverging; the learning rate is too high.",
+                "lower the learning rate 10x, e.g. `torch.optim.Adam(model.parameters(), lr=1e-3)`, "
+                "and clip gradients: `torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`.")
 
 
 class Overfitting(Detector):
@@ -122,41 +143,52 @@ class Overfitting(Detector):
     """
 
     kind = "overfitting"
+    needs_trend = True
+    _state = ("best", "best_step", "train_at_best", "since")
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0, threshold: float = 0.1, train_delta: float = 0.1,
                  mode: str = "min"):
         super().__init__()
         self.patience, self.min_delta, self.threshold, self.train_delta = patience, min_delta, threshold, train_delta
         self.sign = _sign(mode)
+        # In the direction of the mode (sign * raw): lower is better.
         self.best: float | None = None
         self.best_step = 0
         self.train_at_best: float | None = None
-        self.since: list[float] = []
-        self.train = LossTrend(sign=self.sign)
+        self.since: list[float] = []  # validation losses since the best
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        self.train.update(record)
+    def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
         v = record.val_loss
         if not finite(v):
-            return
-        v *= self.sign
+            return []
+        s = self.sign
+        v *= s
+        # The training loss as last seen finite: after a NaN it stays where it was.
+        train = None if trend.latest_unbroken is None else s * trend.latest_unbroken
         if self.best is None or v < self.best - self.min_delta * abs(self.best):
-            self.best, self.best_step, self.train_at_best, self.since = v, record.step, self.train.latest, []
+            self.best, self.best_step, self.train_at_best, self.since = v, record.step, train, []
             self.latch.check("", False)
-            return
+            return []
         self.since.append(v)
         recent = self.since[-self.patience:]
-        tr, tb = self.train.latest, self.train_at_best
+        tr, tb = train, self.train_at_best
         falling = tr is not None and tb is not None and tr < tb - self.train_delta * abs(tb)
         active = (len(self.since) >= self.patience and min(recent) > self.best + self.threshold * abs(self.best)
                   and falling)
-        if self.latch.check("", active, 1.0):
-            s = self.sign
-            yield self.event(record, "", f"the validation loss has not improved for {len(self.since)} evaluations "
-                             f"and now sits at {fmt(v * s)}, above its best of {fmt(self.best * s)} at step "
-                             f"{self.best_step}, while the training loss fell from {fmt(tb * s)} to {fmt(tr * s)}: "
-                             "the model memorizes the training set.",
-                             "add dropout (`nn.LSTM(..., dropout=0.3)` between layers, `nn.Dropout` before the "
-                             "head), use a smaller hidden size, weight decay "
-                             "(`torch.optim.AdamW(model.parameters(), weight_decay=1e-2)`), more data, or stop "
-                             f"early at the best validation step ({self.best_step}).")
+        if not self.latch.check("", active, 1.0):
+            return []
+        assert tr is not None and tb is not None  # falling
+        return [Fact("", values={"evaluations": len(self.since), "val_loss": v * s, "best": self.best * s,
+                                 "best_step": self.best_step, "train_at_best": tb * s, "train": tr * s,
+                                 "threshold": self.threshold, "train_delta": self.train_delta})]
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        best_step = v["best_step"]
+        return (f"the validation loss has not improved for {v['evaluations']} evaluations and now sits at "
+                f"{fmt(v['val_loss'])}, above its best of {fmt(v['best'])} at step {best_step}, while the training "
+                f"loss fell from {fmt(v['train_at_best'])} to {fmt(v['train'])}: the model memorizes the training set.",
+                "add dropout (`nn.LSTM(..., dropout=0.3)` between layers, `nn.Dropout` before the "
+                "head), use a smaller hidden size, weight decay "
+                "(`torch.optim.AdamW(model.parameters(), weight_decay=1e-2)`), more data, or stop "
+                f"early at the best validation step ({best_step}).")

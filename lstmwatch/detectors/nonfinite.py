@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import ClassVar
 
-from ..events import Event, Record
-from .base import Detector
-
-# Within one step, values are produced in this order: the earliest site is the root.
-_ORDER = ("data", "gates", "loss", "grad")
+from .. import keys
+from ..events import Record, Severity
+from .base import Detector, Fact
+from .trend import LossTrend
 
 _HINTS = {
     "data": ("the input batch itself holds NaN or Inf: check the data pipeline (missing values, division by zero, "
@@ -21,35 +20,34 @@ _HINTS = {
              "(`torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`) and lower the learning rate; with mixed "
              "precision pass your GradScaler: `lstmwatch.watch(model, scaler=scaler)`."),
 }
+_WHAT = {"data": "the input batch", "gates": "the recomputed gates and states", "loss": "the loss"}
 
 
 class NonFinite(Detector):
     """NaN or Inf: names the first place it appeared (input, gates, loss, a gradient) and the step."""
 
     kind = "nonfinite"
-    severity = "error"
+    severity: ClassVar[Severity] = "error"
+    _state = ("raised",)
 
     def __init__(self) -> None:
         super().__init__()
         self.raised = False
 
-    def _check(self, record: Record) -> Iterable[Event]:
+    def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
         if self.raised:
-            return  # everything after the first non-finite value is its consequence
-        sites = []
-        for k, step in record.stats.items():
-            if k == "nonfinite_loss":
-                sites.append((step, _ORDER.index("loss"), "", "loss", "the loss"))
-            elif "/nonfinite/" in k:
-                m, site = k.split("/nonfinite/")
-                kind = site.split("/")[0]
-                what = {"data": "the input batch", "gates": "the recomputed gates and states"}.get(
-                    kind, f"the gradient of {site[5:]}")
-                sites.append((step, _ORDER.index(kind), m, kind, what))
+            return []  # everything after the first non-finite value is its consequence
+        # Earliest step first; within a step the order values are produced in (keys.SITES): the root.
+        sites = [(step, keys.SITES.index(keys.site_of(site)), m, site) for step, m, site in record.nonfinite()]
         if not sites:
-            return
-        step, _, m, kind, what = min(sites)
+            return []
+        step, _, m, site = min(sites)
         self.raised = True
-        where = f"{what} of {m}" if m else what
-        yield self.event(record, m, f"a NaN or Inf first appeared in {where} at step {int(step)}; from then on "
-                         "training is meaningless.", _HINTS[kind])
+        return [Fact(m, site, values={"first_step": step})]
+
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        kind = keys.site_of(fact.where)
+        what = _WHAT.get(kind) or f"the gradient of {fact.where.split('/', 1)[1]}"
+        where = f"{what} of {fact.module}" if fact.module else what
+        return (f"a NaN or Inf first appeared in {where} at step {int(fact.values['first_step'])}; from then on "
+                "training is meaningless.", _HINTS[kind])

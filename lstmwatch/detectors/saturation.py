@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..events import Event, Record
-from .base import Detector, LossTrend, finite, layers, pct
+from .. import keys
+from ..events import Record
+from .base import Detector, Fact, finite, pct
+from .trend import LossTrend
 
 # What a gate pinned low / high does to the cell.
 _GATE_MEANING = {
@@ -20,6 +22,8 @@ _GATE_MEANING = {
     "update": ("the update gate is shut, so the state is overwritten at every step",
                "the update gate is always open, so the state never changes"),
 }
+_SIGMOID_GATES = tuple(_GATE_MEANING)  # LSTM and GRU gates, in the order ties are broken
+_STATES = (("c", "cell output tanh(c)"), ("h", "hidden state"))
 
 
 class _Saturation(Detector):
@@ -30,33 +34,43 @@ class _Saturation(Detector):
     loss_patience and min_delta: what counts as a stalled loss.
     """
 
+    needs_trend = True
+    _state = ("first_step",)
+
     def __init__(self, threshold: float = 0.5, patience: int = 2, loss_patience: int = 100, min_delta: float = 0.05):
         super().__init__()
         self.threshold, self.patience = threshold, patience
         self.loss_patience, self.min_delta = loss_patience, min_delta
-        self.trend = LossTrend()
-        self.first_step: int | None = None
+        self.first_step: int | None = None  # the first record with recomputed internals
 
-    def _values(self, record: Record, module: str) -> Iterable[tuple[str, str, float]]:
+    def _values(self, record: Record, module: str) -> Iterable[tuple[str, dict[str, float]]]:
+        """(where: 'l0/forget', {'frac': pinned fraction, ...}) for each gate or state measured."""
         raise NotImplementedError
 
-    def _check(self, record: Record) -> Iterable[Event]:
-        self.trend.update(record)
-        if not any(k.endswith("/h/sat") for k in record.stats):
-            return  # this record has no recomputed internals (e.g. a validation-only record)
+    def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
+        if not record.has_internals():
+            return []  # this record has no recomputed internals (e.g. a validation-only record)
         if self.first_step is None:
             self.first_step = record.step
-        stalled = self.trend.stalled(self.loss_patience, self.min_delta)
-        for m in record.modules:
-            worst, present = None, False
-            for key, label, frac in self._values(record, m):
-                present |= frac > self.threshold
-                n = self.streak.update(f"{m}/{key}", frac > self.threshold, record.step)
-                early = self.streak.since.get(f"{m}/{key}") == self.first_step
-                if n >= self.patience and (early or stalled) and (worst is None or frac > worst[2]):
-                    worst = (key, label, frac, early)
-            if self.latch.check(m, worst is not None, 1.0, present) and worst:
-                yield self._event(record, m, *worst)
+        return super()._decide(record, trend)
+
+    def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        stalled = trend.stalled(self.loss_patience, self.min_delta)
+        worst: Fact | None = None
+        present = False
+        for where, values in self._values(record, module):
+            frac = values["frac"]
+            present |= frac > self.threshold
+            key = f"{module}/{where}"  # a streak per gate (or state) of each layer-direction
+            n = self.streak.update(key, frac > self.threshold, record.step)
+            early = self.streak.since.get(key) == self.first_step
+            if n >= self.patience and (early or stalled) and (worst is None or frac > worst.values["frac"]):
+                worst = Fact(module, where, "early" if early else "stalled", {**values, "threshold": self.threshold})
+        return worst if self.latch.check(module, worst is not None, 1.0, present) else None
+
+    @staticmethod
+    def _when(fact: Fact) -> str:
+        return "from the first step on" if fact.variant == "early" else "while the loss stalls"
 
 
 class GateSaturation(_Saturation):
@@ -64,27 +78,26 @@ class GateSaturation(_Saturation):
 
     kind = "gate_saturation"
 
-    def _values(self, record, module):
-        s = record.stats
-        for lab in layers(record, module):
-            for gate in ("input", "forget", "output", "reset", "update"):
-                left, right = s.get(f"{module}/{lab}/{gate}/sat_left"), s.get(f"{module}/{lab}/{gate}/sat_right")
+    def _values(self, record: Record, module: str) -> Iterable[tuple[str, dict[str, float]]]:
+        # The layers whose gradient norm was measured: those of a training step's record.
+        for lab in record.layers(module, "grad_norm"):
+            for gate in _SIGMOID_GATES:
+                left = record.get(keys.gate_key(module, lab, gate, "sat_left"))
+                right = record.get(keys.gate_key(module, lab, gate, "sat_right"))
                 if finite(left) and finite(right):
-                    yield f"{lab}/{gate}", f"the {gate} gate of layer {lab}", left + right
+                    yield f"{lab}/{gate}", {"frac": left + right, "sat_left": left, "sat_right": right}
 
-    def _event(self, record, m, key, label, frac, early):
-        lab, gate = key.split("/")
-        s = record.stats
-        left, right = s[f"{m}/{key}/sat_left"], s[f"{m}/{key}/sat_right"]
-        low = left >= right
-        when = "from the first step on" if early else "while the loss stalls"
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        v = fact.values
+        lab, gate = fact.where.split("/")
+        low = v["sat_left"] >= v["sat_right"]
         meaning = _GATE_MEANING.get(gate, ("the gate is pinned shut", "the gate is pinned open"))[0 if low else 1]
-        return self.event(record, m, f"{pct(frac)} of the values of {label} are saturated ({pct(left)} below 0.1, "
-                          f"{pct(right)} above 0.9; threshold {pct(self.threshold)}), {when}: "
-                          f"{meaning}, and the gate's gradient vanishes.",
-                          "standardize the inputs (see unnormalized_input), check the gate biases "
-                          "(`lstmwatch.remedies.set_forget_bias(model, 1.0)` resets the forget gate to a sane "
-                          "start), or lower the learning rate if the saturation grew during training.")
+        return (f"{pct(v['frac'])} of the values of the {gate} gate of layer {lab} are saturated ({pct(v['sat_left'])} "
+                f"below 0.1, {pct(v['sat_right'])} above 0.9; threshold {pct(v['threshold'])}), {self._when(fact)}: "
+                f"{meaning}, and the gate's gradient vanishes.",
+                "standardize the inputs (see unnormalized_input), check the gate biases "
+                "(`lstmwatch.remedies.set_forget_bias(model, 1.0)` resets the forget gate to a sane "
+                "start), or lower the learning rate if the saturation grew during training.")
 
 
 class HiddenSaturation(_Saturation):
@@ -92,19 +105,19 @@ class HiddenSaturation(_Saturation):
 
     kind = "hidden_saturation"
 
-    def _values(self, record, module):
-        s = record.stats
-        for lab in layers(record, module):
-            for key, label in (("c", "cell output tanh(c)"), ("h", "hidden state")):
-                v = s.get(f"{module}/{lab}/{key}/sat")
+    def _values(self, record: Record, module: str) -> Iterable[tuple[str, dict[str, float]]]:
+        for lab in record.layers(module, "grad_norm"):
+            for state, _ in _STATES:
+                v = record.get(keys.gate_key(module, lab, state, "sat"))
                 if finite(v):
-                    yield f"{lab}/{key}", f"the {label} of layer {lab}", v
+                    yield f"{lab}/{state}", {"frac": v}
 
-    def _event(self, record, m, key, label, frac, early):
-        when = "from the first step on" if early else "while the loss stalls"
-        return self.event(record, m, f"{pct(frac)} of the values of {label} are beyond +-0.9 (threshold "
-                          f"{pct(self.threshold)}), {when}: the tanh is saturated, its gradient is close to zero "
-                          "and the state carries little beyond a sign.",
-                          "standardize the inputs, lower the learning rate, and keep the forget and input gate "
-                          "biases near their defaults so the cell state cannot run away "
-                          "(`lstmwatch.remedies.set_forget_bias(model, 1.0)`).")
+    def _describe(self, fact: Fact) -> tuple[str, str]:
+        lab, state = fact.where.split("/")
+        label = dict(_STATES)[state]
+        return (f"{pct(fact.values['frac'])} of the values of the {label} of layer {lab} are beyond +-0.9 (threshold "
+                f"{pct(fact.values['threshold'])}), {self._when(fact)}: the tanh is saturated, its gradient is close "
+                "to zero and the state carries little beyond a sign.",
+                "standardize the inputs, lower the learning rate, and keep the forget and input gate "
+                "biases near their defaults so the cell state cannot run away "
+                "(`lstmwatch.remedies.set_forget_bias(model, 1.0)`).")

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..diagnose import Finding, diagnose, summary
 from ..events import Event
-from . import RunView, as_run
+from ..run import Run
+from .source import as_run
 
 MAX_EVENT_ROWS = 300
 _CODE = re.compile(r"`([^`]+)`")
@@ -46,17 +47,15 @@ def render(run: Any, *, plots: bool = True, title: str | None = None, dpi: int =
     view = as_run(run)
     findings = diagnose(view.events)
     name = title or view.name
-    parts = [
-        _head(name),
+    sections = [
         _header(view, name),
         _diagnosis(view, findings),
         _plots(view, plots, dpi),
         _events(view.events),
         _model(view),
         _footer(view),
-        "</main></body></html>\n",
     ]
-    return "\n".join(parts)
+    return page(f"lstmwatch report: {name}", "\n" + "\n".join(sections) + "\n")
 
 
 def write(run: Any, path: str | os.PathLike, **kwargs: Any) -> str:
@@ -70,9 +69,10 @@ def write(run: Any, path: str | os.PathLike, **kwargs: Any) -> str:
     return path
 
 
-# --- sections
+# --- the page
 
-_CSS = """
+# The report's style, shared by every page lstmwatch writes (the demo's index too).
+CSS = """
 :root { --ink:#1d2330; --muted:#5b6473; --line:#e3e6eb; --bg:#f6f7f9; --ok:#1e7b34; --okbg:#e8f5ec;
   --error:#b42318; --errorbg:#fdecea; --warning:#b54708; --warningbg:#fef4e6; --info:#475467; --infobg:#eef1f5; }
 * { box-sizing: border-box; }
@@ -130,15 +130,19 @@ footer { color: var(--muted); font-size: 12.5px; text-align: center; margin-top:
 """
 
 
-def _head(name: str) -> str:
+def page(title: str, body: str) -> str:
+    """A whole self-contained HTML page in the report's style: `title` is text (escaped), `body` is HTML."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>lstmwatch report: {esc(name)}</title><style>{_CSS}</style></head><body><main>")
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
 
 
-def _header(view: RunView, name: str) -> str:
+# --- sections
+
+
+def _header(view: Run, name: str) -> str:
     h = view.header
-    meta = [f"{view.steps} steps watched", f"{len(view.records)} records", f"{len(view.events)} events"]
+    meta = [f"{view.step_count} steps watched", f"{len(view.records)} records", f"{len(view.events)} events"]
     if isinstance(h.get("log_every"), int):
         meta.append(f"logged every {h['log_every']} steps")
     versions = [f"{k} {h[k]}" for k in ("lstmwatch", "torch", "python") if h.get(k)]
@@ -156,7 +160,7 @@ def _sev(e: Event) -> str:
     return e.severity if e.severity in ("error", "warning", "info") else "info"
 
 
-def _diagnosis(view: RunView, findings: list[Finding]) -> str:
+def _diagnosis(view: Run, findings: list[Finding]) -> str:
     out = ["<section id=\"diagnosis\"><h2>Diagnosis</h2>"]
     mods = ", ".join(view.modules)
     cut = "" if view.complete else (" The log has no closing line: the run was cut short (a crash, or it is still "
@@ -165,7 +169,7 @@ def _diagnosis(view: RunView, findings: list[Finding]) -> str:
         out.append(f"<div class=\"verdict info\">Nothing was logged.<small>No records in this run: it stopped before "
                    f"the first logging step.{esc(cut)}</small></div>")
     elif not findings:
-        out.append(f"<div class=\"verdict ok\">&#10003; No problem found in {view.steps} steps."
+        out.append(f"<div class=\"verdict ok\">&#10003; No problem found in {view.step_count} steps."
                    f"<small>lstmwatch watched {esc(mods or 'the model')} and raised nothing: losses, gradients, "
                    f"gates and inputs stayed in their healthy ranges.{esc(cut)}</small></div>")
     else:
@@ -182,7 +186,7 @@ def _diagnosis(view: RunView, findings: list[Finding]) -> str:
         for f in findings:
             out.append(_finding(f))
         out.append("</ol>")
-    text = summary(findings, steps=view.steps, modules=view.modules)
+    text = summary(findings, steps=view.step_count, modules=view.modules)
     out.append(f"<details><summary>As text (<code>lstmwatch summary</code>)</summary><pre>{esc(text)}</pre></details>")
     out.append("</section>")
     return "\n".join(out)
@@ -205,7 +209,7 @@ def _finding(f: Finding) -> str:
     return "\n".join(parts)
 
 
-def _plots(view: RunView, plots: bool, dpi: int) -> str:
+def _plots(view: Run, plots: bool, dpi: int) -> str:
     head = "<section id=\"plots\"><h2>Plots</h2>"
     if not plots:
         return head + "<p class=\"note\">Plots left out (--no-plots).</p></section>"
@@ -213,7 +217,7 @@ def _plots(view: RunView, plots: bool, dpi: int) -> str:
     if missing:
         return head + f"<p class=\"note\">Plots left out: {esc(missing)}.</p></section>"
     try:
-        from .plot import png
+        from .figure import png
 
         data = base64.b64encode(png(view, dpi=dpi)).decode("ascii")
     except Exception as exc:  # noqa: BLE001 - a plot that fails must not cost the diagnosis
@@ -243,8 +247,8 @@ def _events(events: list[Event]) -> str:
     return "\n".join(out)
 
 
-def _model(view: RunView) -> str:
-    lstms = view.lstms
+def _model(view: Run) -> str:
+    lstms = view.configs
     out = [f"<section id=\"model\"><h2>The model's LSTMs ({len(lstms)})</h2>"]
     if not lstms:
         out.append("<p class=\"note\">The run log does not describe the modules.</p></section>")
@@ -268,7 +272,7 @@ def _model(view: RunView) -> str:
     return "\n".join(out)
 
 
-def _footer(view: RunView) -> str:
+def _footer(view: Run) -> str:
     src = f" from {esc(view.source)}" if view.source else ""
     return (f"<footer>Written by lstmwatch{src}. Self-contained: this page loads nothing from the network. "
             f"Regenerate with <code>lstmwatch report RUN.jsonl -o report.html</code>.</footer>")

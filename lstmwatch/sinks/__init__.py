@@ -1,4 +1,4 @@
-"""Sinks receive records and events: write(record), emit(event), close(); each has one destination."""
+"""Sinks receive a run: start(header), write(record, events) per logging step, close(summary); one destination each."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .console import ConsoleSink
-from .runlog import RunLogSink
+from .runlog_writer import RunLogSink
 from .wandb import WandbSink  # imports wandb only when a WandbSink is made
 
 __all__ = ["ConsoleSink", "RunLogSink", "WandbSink", "make_sinks"]

@@ -4,33 +4,32 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 
-from .._frames import user_frame
-from ..events import Event, Record, warning_for
-
-
-def user_stacklevel() -> int:
-    """The stacklevel that points the caller's warnings.warn at the first frame outside lstmwatch."""
-    return user_frame()[1]
+from ..events import Event, warning_for
+from ..frames import user_stacklevel
+from ..interfaces import Header, Summary
+from ..record import Record
 
 
 class ConsoleSink:
-    """Sends warning and error events through `warnings`, so filters and `-W error::...` apply."""
+    """Sends warning and error events through `warnings`, so filters and `warnings.filterwarnings` apply."""
 
     def __init__(self) -> None:
         self.emitted: list[Event] = []
 
-    def write(self, record: Record) -> None:
-        """Records are not printed: a healthy run stays silent."""
+    def start(self, header: Header) -> None:
+        """Nothing to print when a run starts: a healthy run stays silent."""
 
-    def emit(self, event: Event) -> None:
-        """Raise the event's typed warning at the user's `watcher.step(...)` line."""
-        if event.severity == "info":
-            return
-        self.emitted.append(event)
-        warnings.warn(warning_for(event), stacklevel=user_stacklevel())
+    def write(self, record: Record, events: Sequence[Event] = ()) -> None:
+        """Raise each warning or error event's typed warning at the user's `watcher.step(...)` line."""
+        for event in events:
+            if event.severity == "info":
+                continue
+            self.emitted.append(event)
+            warnings.warn(warning_for(event), stacklevel=user_stacklevel())
 
-    def close(self) -> None:
+    def close(self, summary: Summary | None = None) -> None:
         """One line at the end of a run in which something was found."""
         if self.emitted:
             kinds = sorted({e.kind for e in self.emitted})

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..events import Event, LSTMWatchWarning, Record
-from .console import user_stacklevel
+from .. import keys
+from ..events import Event, LSTMWatchWarning
+from ..frames import user_stacklevel
+from ..interfaces import Header, Summary
+from ..record import Record
 
 PREFIX = "lstmwatch/"
 STEP = PREFIX + "step"  # lstmwatch's own x-axis: the training step of the record
 EVENTS = PREFIX + "events"
 COLUMNS = ["step", "kind", "severity", "module", "message", "hint"]
 MAX_KEYS = 1000  # statistics per log at most: W&B's UI and size limits stay far away on any model
-# '<module>/weight_ih_l0/grad_norm': one per parameter, left out unless asked for (wandb_keys="all").
-_PER_PARAMETER = re.compile(r"/(?:weight|bias)_[^/]+/grad_norm$")
 _ALERT_LEVEL = {"warning": "WARN", "error": "ERROR"}
 
 
@@ -32,15 +32,18 @@ def import_wandb() -> Any:
     return wandb
 
 
-def key_filter(keys: str | Sequence[str] | None) -> Any:
+def key_filter(wanted: str | Sequence[str] | None) -> Callable[[str], bool]:
     """`stats key -> bool` for wandb_keys: None (all but per-parameter norms), "all", or glob patterns."""
-    if keys is None:
-        return lambda k: not _PER_PARAMETER.search(k)
-    if keys == "all":
+    if wanted is None:
+        # '<module>/weight_ih_l0/grad_norm': one per parameter, left out unless asked for (wandb_keys="all").
+        return lambda k: keys.parse(k).kind != "param"
+    if wanted == "all":
         return lambda k: True
-    pats = [keys] if isinstance(keys, str) else list(keys) if isinstance(keys, (list, tuple, set)) else [keys]
-    if not all(isinstance(p, str) for p in pats):
-        raise TypeError(f"wandb_keys must be None, 'all' or glob patterns of statistic names, got {keys!r}")
+    given: list[object] = [wanted] if isinstance(wanted, str) else list(wanted) if isinstance(
+        wanted, (list, tuple, set)) else [wanted]
+    pats = [p for p in given if isinstance(p, str)]
+    if len(pats) != len(given):
+        raise TypeError(f"wandb_keys must be None, 'all' or glob patterns of statistic names, got {wanted!r}")
     return lambda k: any(fnmatch.fnmatchcase(k, p) for p in pats)
 
 
@@ -72,35 +75,38 @@ class WandbSink:
         self._started = False
         self.closed = False
 
-    def start(self, watcher: Any = None) -> None:
+    def start(self, header: Header | None = None) -> None:
         """Bind every lstmwatch/ key to lstmwatch's own step metric, so charts use the training step."""
         self._started = True
         self.run.define_metric(STEP)
         self.run.define_metric(PREFIX + "*", step_metric=STEP)
 
-    def write(self, record: Record) -> None:
-        """The record's scalars under lstmwatch/, and the events not yet logged, merged into one row."""
+    def write(self, record: Record, events: Sequence[Event] = ()) -> None:
+        """The record's scalars under lstmwatch/ and its events, merged into one row."""
+        for event in events:
+            self.emit(event)
         if self._finished():
             return
         if not self._started:  # used without a Watcher
             self.start()
         data: dict[str, Any] = {STEP: record.step}
-        # Run-wide statistics (no '/') first, so the loss and total norm survive the cap.
-        keys = [k for k in sorted(record.stats, key=lambda k: "/" in k) if self._want(k)]
-        if len(keys) > self.max_keys:
+        # Run-wide statistics first, so the loss and total norm survive the cap.
+        names = [k for k in sorted(record.stats, key=lambda k: keys.parse(k).kind != "run") if self._want(k)]
+        if len(names) > self.max_keys:
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"lstmwatch: {len(keys)} statistics per step, W&B gets the first {self.max_keys}; "
+                warnings.warn(f"lstmwatch: {len(names)} statistics per step, W&B gets the first {self.max_keys}; "
                               "choose them with watch(..., wandb_keys=[glob patterns])", LSTMWatchWarning,
                               stacklevel=user_stacklevel())
-            keys = keys[:self.max_keys]
-        data.update({PREFIX + k: record.stats[k] for k in keys})
+            names = names[:self.max_keys]
+        data.update({PREFIX + k: record.stats[k] for k in names})
         # Curves (one value per timestep) stay out: a list per step is not a W&B scalar.
         self._add_table(data)
         self._log(data)
 
     def emit(self, event: Event) -> None:
-        """A row of the lstmwatch/events table, the run summary, and an alert when the run is online."""
+        """A row of the lstmwatch/events table (logged with the next row), the run summary, and an alert when
+        the run is online."""
         if self._table is None:
             self._table = self._new_table()
         row = [event.step, event.kind, event.severity, event.module, event.message, event.hint]
@@ -119,7 +125,7 @@ class WandbSink:
             self.run.alert(title=f"lstmwatch: {event.kind}{where}"[:63], level=_ALERT_LEVEL[event.severity],
                            text=f"step {event.step}: {event.message}\nfix: {event.hint}")
 
-    def close(self) -> None:
+    def close(self, summary: Summary | None = None) -> None:
         """Log the events emitted since the last logging step; the run itself stays open (it is the user's)."""
         if self.closed:
             return
@@ -138,7 +144,7 @@ class WandbSink:
             return self._wandb.Table(columns=COLUMNS)
 
     def _add_table(self, data: dict[str, Any]) -> None:
-        # Events reach the sink after the record of their step: their rows ride with the next log.
+        # The rows of events not yet logged: those of this record, and any emitted since the last log.
         if not self._unlogged:
             return
         t = self._table

@@ -1,6 +1,5 @@
-"""`lstmwatch demo`: train small LSTMs on CPU, one healthy and one per failure the article names, and show
-what lstmwatch finds in each; every run's log and report are written to a folder.
-"""
+"""`lstmwatch demo`'s run: train the demo scenarios, print a verdict for each, and write every run's log
+and report, and an index page, to a folder."""
 
 from __future__ import annotations
 
@@ -11,8 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from .diagnose import Finding, diagnose
-from .events import Event
+from ..diagnose import Finding, diagnose
+from ..errors import UsageError
+from ..events import Event
 
 
 class Progress:
@@ -66,6 +66,7 @@ class Outcome:
 
     @property
     def as_expected(self) -> bool:
+        """Whether the run went as its scenario planned: a healthy run silent, a fault found."""
         return self.status in ("OK", "FOUND")
 
 
@@ -85,8 +86,8 @@ def verdict(name: str, expected: tuple[str, ...], events: list[Event]) -> tuple[
     if not hits:
         found = f"found {said(top)} instead" if top else "found nothing"
         return "MISSED", f"{name}: expected {' or '.join(expected)}; {found}", findings
-    if top.kind in expected:
-        return "FOUND", f"{name}: {said(top)} (expected)", findings
+    if top is None or top.kind in expected:  # None: the expected events were not ranked (info only)
+        return "FOUND", f"{name}: {said(top or hits[0])} (expected)", findings
     return "FOUND", f"{name}: {said(top)}, and {said(hits[0])} (expected)", findings
 
 
@@ -120,16 +121,14 @@ def run_demo(out: str = "lstmwatch-demo", quick: bool = False, plots: bool = Tru
 
 
 def _demo(out: str, quick: bool, plots: bool, stream: IO[str]) -> int:
+    from ..report.html import plots_missing, write
+    from ..runlog import load
     from . import scenarios
-    from .report.html import plots_missing, write
-    from .runlog import load
 
     t_start = time.perf_counter()
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
-        from .cli import UsageError
-
         raise UsageError(f"cannot create {out}: {exc.strerror or exc}") from None
     runs = scenarios.DEMO
     why = plots_missing() if plots else None
@@ -174,19 +173,18 @@ def _index(out: str, outcomes: list[Outcome], quick: bool) -> str:
     """index.html: one line per demo run, linking its report and log."""
     from html import escape
 
-    from .report.html import _CSS
+    from ..report.html import page
 
     rows = "".join(
         f"<tr><td><span class=\"badge {_BADGE.get(o.status, 'error')}\">{escape(o.status)}</span></td>"
         f"<td>{escape(o.line)}</td><td><a href=\"{escape(os.path.basename(o.report))}\">report</a></td>"
         f"<td><a href=\"{escape(os.path.basename(o.log))}\">log</a></td><td class=\"num\">{o.seconds:.1f} s</td></tr>"
         for o in outcomes)
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lstmwatch demo</title>"
-            f"<style>{_CSS}</style></head><body><main><h1>lstmwatch demo</h1><p class=\"meta\">{len(outcomes)} "
-            f"small LSTMs trained on CPU{' (quick)' if quick else ''}: one healthy, one for each failure the "
-            "article names.</p><section><table><thead><tr><th>verdict</th><th>what lstmwatch found</th><th></th>"
-            f"<th></th><th>time</th></tr></thead><tbody>{rows}</tbody></table></section></main></body></html>\n")
+    text = page("lstmwatch demo", f"<h1>lstmwatch demo</h1><p class=\"meta\">{len(outcomes)} small LSTMs trained on "
+                f"CPU{' (quick)' if quick else ''}: one healthy, one for each failure the article names.</p><section>"
+                "<table><thead><tr><th>verdict</th><th>what lstmwatch found</th><th></th><th></th><th>time</th></tr>"
+                f"</thead><tbody>{rows}</tbody></table></section>")
     path = os.path.join(out, "index.html")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+        f.write(text)
     return path

@@ -1,20 +1,23 @@
 """One matplotlib figure of a run: loss, gradient norms, gate saturation, gradient through time, inputs, updates.
 
 Each panel says what healthy looks like, in a caption under its title and, where a range is known,
-as a shaded band. matplotlib is imported here only, when a figure is drawn.
+as a shaded band. Statistics are read through the Record's accessors and keys built by lstmwatch.keys.
+matplotlib is imported here only, when a figure is drawn.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..events import Event, Record
-from . import RunView, as_run
+from .. import keys
+from ..events import Event
+from ..record import Record
+from ..run import Run
+from .source import as_run
 
 # Panel labels (Axes.get_label()), in reading order: left to right, top to bottom.
 PANELS = ("loss", "grad_norm", "saturation", "through_time", "inputs", "update_ratio")
@@ -43,7 +46,6 @@ GATE_COLORS = {"input": "#1f77b4", "forget": "#ff7f0e", "cell": "#2ca02c", "outp
 SEVERITY_COLORS = {"error": "#c0392b", "warning": "#e67e22", "info": "#7f8c8d"}
 HEALTHY = "#2ca02c"
 FIGSIZE = (12.0, 12.5)  # inches; 1150 px wide at the report's 96 dpi
-_LAYER = re.compile(r"^l(\d+)(_reverse)?$")
 
 
 def plot(run: Any) -> Any:
@@ -77,7 +79,6 @@ def png(run: Any, dpi: int = 96) -> bytes:
     return buf.getvalue()
 
 
-
 def _require() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -97,7 +98,7 @@ def _choose_backend() -> None:
 
 # --- drawing
 
-def draw(view: RunView, fig: Any) -> None:
+def draw(view: Run, fig: Any) -> None:
     """Draw the six panels of a run into an empty figure."""
     # Fixed margins rather than constrained layout, which took over half of the drawing time.
     axes = fig.subplots(3, 2, gridspec_kw={"left": 0.065, "right": 0.945, "top": 0.915, "bottom": 0.045,
@@ -105,7 +106,7 @@ def draw(view: RunView, fig: Any) -> None:
     by = dict(zip(PANELS, axes.flat))
     recs = sorted(view.records, key=lambda r: r.step)
     mods = view.modules or sorted({m for r in recs for m in r.modules})
-    steps = max(view.steps, max((r.step for r in recs), default=0), 1)
+    steps = max(view.step_count, max((r.step for r in recs), default=0), 1)
     first = _first_events(view.events)
     bad = _first_nonfinite(recs)
     for name, ax in by.items():
@@ -151,10 +152,11 @@ def _finite(v: Any) -> bool:
 
 
 def _series(recs: Sequence[Record], key: str, positive: bool = False) -> tuple[list[int], list[float]]:
-    """Steps and values of one statistic; values a log axis cannot show become gaps (NaN)."""
+    """Steps and values of one statistic (a key built by lstmwatch.keys); values a log axis cannot show become
+    gaps (NaN)."""
     xs, ys = [], []
     for r in recs:
-        v = r.stats.get(key)
+        v = r.get(key)
         if v is None:
             continue
         xs.append(r.step)
@@ -167,24 +169,16 @@ def _any(ys: Sequence[float]) -> bool:
     return any(not math.isnan(y) for y in ys)
 
 
-def _layers(recs: Sequence[Record], module: str, suffix: str) -> list[str]:
-    """Layer-direction labels (l0, l0_reverse, l1, ...) of a module that have `suffix` in the records."""
-    p = module + "/"
-    labs = set()
-    for r in recs:
-        for k in r.stats:
-            if k.startswith(p) and k.endswith("/" + suffix):
-                lab = k[len(p):-len(suffix) - 1]
-                if _LAYER.match(lab):
-                    labs.add(lab)
-    return sorted(labs, key=lambda s: (int(_LAYER.match(s).group(1)), s))
+def _layers(recs: Sequence[Record], module: str, stat: str) -> list[str]:
+    """Layer-direction labels (l0, l0_reverse, l1, ...) of a module that have `stat` in any of the records."""
+    return sorted({lab for r in recs for lab in r.layers(module, stat)}, key=keys.layer_order)
 
 
 def _layer_style(labs: list[str], lab: str, cmap: Any) -> dict[str, Any]:
-    n = len({_LAYER.match(x).group(1) for x in labs})
-    k = int(_LAYER.match(lab).group(1))
+    n = len({keys.layer_index(x) for x in labs})
+    k = keys.layer_index(lab)
     return {"color": cmap(0.1 + 0.75 * k / max(1, n - 1)) if n > 1 else cmap(0.35),
-            "ls": "--" if lab.endswith("_reverse") else "-"}
+            "ls": "--" if keys.is_reverse(lab) else "-"}
 
 
 def _name(module: str, lab: str, multi: bool) -> str:
@@ -209,7 +203,7 @@ def _severity_rank(e: Event) -> int:
 
 def _first_nonfinite(recs: Sequence[Record]) -> int | None:
     """The first step at which a NaN or Inf appeared anywhere (loss, gradients, gates), or None."""
-    steps = [v for r in recs for k, v in r.stats.items() if "nonfinite" in k and _finite(v)]
+    steps = [v for r in recs for v, _, _ in r.nonfinite()]
     steps += [r.step for r in recs if r.loss is not None and not _finite(r.loss)]
     return int(min(steps)) if steps else None
 
@@ -227,7 +221,7 @@ def _loss(ax: Any, recs: Sequence[Record], first: list[Event], multi: bool) -> N
 
     xs = [r.step for r in recs if r.loss is not None]
     ys = [float(r.loss) if _finite(r.loss) else math.nan for r in recs if r.loss is not None]
-    mx, my = _series(recs, "loss_mean")
+    mx, my = _series(recs, keys.LOSS_MEAN)
     vx = [r.step for r in recs if r.val_loss is not None]
     vy = [float(r.val_loss) if _finite(r.val_loss) else math.nan for r in recs if r.val_loss is not None]
     if _any(ys):
@@ -280,7 +274,7 @@ def _per_layer(ax: Any, recs: Sequence[Record], mods: list[str], stat: str) -> i
     for m in mods:
         labs = _layers(recs, m, stat)
         for lab in labs:
-            xs, ys = _series(recs, f"{m}/{lab}/{stat}", positive=True)
+            xs, ys = _series(recs, keys.layer_key(m, lab, stat), positive=True)
             if _any(ys):
                 ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, label=_name(m, lab, len(mods) > 1),
                         **_layer_style(labs, lab, cmap))
@@ -291,7 +285,7 @@ def _per_layer(ax: Any, recs: Sequence[Record], mods: list[str], stat: str) -> i
 def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
     lines = _per_layer(ax, recs, mods, "grad_norm")
     drew = lines > 0
-    xs, ys = _series(recs, "grad_norm", positive=True)
+    xs, ys = _series(recs, keys.GRAD_NORM, positive=True)
     good = sorted(y for y in ys if not math.isnan(y))
     if good:
         if lines != 1:  # with one layer the total is that layer's line
@@ -318,21 +312,22 @@ def _saturation(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
         n_layers = max(n_layers, len(labs))
         for i, lab in enumerate(labs):
             alpha = 1.0 - 0.65 * i / max(1, len(labs) - 1)
-            ls = "--" if lab.endswith("_reverse") else "-"
-            p = f"{m}/{lab}/"
-            gates = sorted({k[len(p):].split("/")[0] for r in recs for k in r.stats if k.startswith(p)
-                            and k.endswith(("/sat_left", "/sat"))} - {"c"}, key=_gate_order)
+            ls = "--" if keys.is_reverse(lab) else "-"
+            # Sigmoid gates have sat_left/sat_right, tanh-valued ones sat; the cell state c is not drawn.
+            gates = sorted({g for r in recs for g in r.gates(m, lab) if g != "c"
+                            and any(r.get(keys.gate_key(m, lab, g, st)) is not None for st in ("sat_left", "sat"))},
+                           key=_gate_order)
             for gate in gates:
-                if gate in ("h",):
-                    xs, ys = _series(recs, p + "h/sat")
+                if gate == "h":
+                    xs, ys = _series(recs, keys.gate_key(m, lab, "h", "sat"))
                     style = {"ls": ":", "lw": 1.4}
-                elif any(p + f"{gate}/sat_left" in r.stats for r in recs):
-                    xs, left = _series(recs, p + f"{gate}/sat_left")
-                    _, right = _series(recs, p + f"{gate}/sat_right")
+                elif any(r.get(keys.gate_key(m, lab, gate, "sat_left")) is not None for r in recs):
+                    xs, left = _series(recs, keys.gate_key(m, lab, gate, "sat_left"))
+                    _, right = _series(recs, keys.gate_key(m, lab, gate, "sat_right"))
                     ys = [a + b for a, b in zip(left, right)] if len(right) == len(left) else left
                     style = {"ls": ls, "lw": 1.3}
                 else:
-                    xs, ys = _series(recs, p + f"{gate}/sat")
+                    xs, ys = _series(recs, keys.gate_key(m, lab, gate, "sat"))
                     style = {"ls": ls, "lw": 1.3}
                 if _any(ys):
                     ax.plot(xs, ys, color=GATE_COLORS.get(gate, "#333"), alpha=alpha, marker="o", ms=2, **style)
@@ -364,29 +359,30 @@ def _through_time(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
     length, dead = 1, 0  # the longest curve; leading steps of the latest curve that got no gradient at all
     styles = ("-", "--", "-.", ":")
     for mi, m in enumerate(mods[:4]):
-        key = f"{m}/gtt"
-        have = [r for r in recs if key in r.curves and any(_finite(v) and v > 0 for v in r.curves[key])]
+        # The records whose curve of the module (its top layer) got some gradient, with that curve.
+        have = [(r, c) for r in recs if (c := r.curve(m)) is not None and any(_finite(v) and v > 0 for v in c)]
         if not have:
             continue
         n = min(4, len(have))
         picks = sorted({round(i * (len(have) - 1) / max(1, n - 1)) for i in range(n)})
         for j, idx in enumerate(picks):
-            r = have[idx]
-            ys = [v if _finite(v) and v > 0 else math.nan for v in r.curves[key]]
-            ratio = r.stats.get(f"{m}/gtt/ratio")
-            extra = "" if not _finite(ratio) else (f", first/last {ratio:.0e}" if ratio > 0 else ", none reaches t=0")
+            r, curve = have[idx]
+            ys = [v if _finite(v) and v > 0 else math.nan for v in curve]
+            ratio = r.get(keys.gtt_key(m, stat="ratio"))
+            extra = "" if ratio is None or not _finite(ratio) else (
+                f", first/last {ratio:.0e}" if ratio > 0 else ", none reaches t=0")
             who = f"{m} " if len(mods) > 1 else ""
             ax.plot(range(len(ys)), ys, ls=styles[mi % 4], lw=1.5, color=cmap(0.1 + 0.7 * j / max(1, len(picks) - 1)),
                     label=_t(f"{who}step {r.step}{extra}"))
             drew = True
             length = max(length, len(ys))
-        last = have[picks[-1]]
-        lead = next((i for i, v in enumerate(last.curves[key]) if _finite(v) and v > 0), 0)
+        last, curve = have[picks[-1]]
+        lead = next((i for i, v in enumerate(curve) if _finite(v) and v > 0), 0)
         dead = max(dead, lead)
-        deep = f"{m}/l0/gtt"
+        deep = last.curve(m, keys.layer_label(0))
         n_layers = len(_layers(recs, m, "gtt/ratio"))
-        if n_layers > 1 and deep in last.curves:
-            ys = [v if _finite(v) and v > 0 else math.nan for v in last.curves[deep]]
+        if n_layers > 1 and deep is not None:
+            ys = [v if _finite(v) and v > 0 else math.nan for v in deep]
             if _any(ys):
                 ax.plot(range(len(ys)), ys, ls=":", lw=1.5, color="#555",
                         label=_t(f"{m + ' ' if len(mods) > 1 else ''}first layer l0, step {last.step}"))
@@ -413,15 +409,15 @@ def _inputs(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
     for i, m in enumerate(mods[:4]):
         who = f"{m} " if multi else ""
         color = ("#1f77b4", "#9467bd", "#17becf", "#bcbd22")[i]
-        xs, ys = _series(recs, f"{m}/data/absmax", positive=True)
+        xs, ys = _series(recs, keys.data_key(m, "absmax"), positive=True)
         if _any(ys):
             ax.plot(xs, ys, "o-", ms=2.5, lw=1.3, color=color, label=_t(f"{who}|x| max"))
             drew = True
-        xs, ys = _series(recs, f"{m}/data/std", positive=True)
+        xs, ys = _series(recs, keys.data_key(m, "std"), positive=True)
         if _any(ys):
             ax.plot(xs, ys, "s--", ms=2.5, lw=1.3, color=color, alpha=0.7, label=_t(f"{who}std"))
             drew = True
-        xs, ys = _series(recs, f"{m}/data/pad_frac")
+        xs, ys = _series(recs, keys.data_key(m, "pad_frac"))
         if _any(ys):
             twin.plot(xs, [100 * y for y in ys], "-", lw=1.6, color="#d62728", alpha=0.8,
                       label=_t(f"{who}zero padding (right axis)"))

@@ -11,7 +11,13 @@ _PKG = os.path.dirname(os.path.abspath(__file__))
 
 def user_frame() -> tuple[FrameType | None, int]:
     """The caller's first frame outside lstmwatch, and its stacklevel as seen from the caller."""
-    frame, level = sys._getframe(2), 1
+    frame: FrameType | None = sys._getframe(2)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PKG):
         frame, level = frame.f_back, level + 1
     return frame, level
+
+
+def user_stacklevel() -> int:
+    """The stacklevel that points the caller's warnings.warn at the first frame outside lstmwatch."""
+    return user_frame()[1]

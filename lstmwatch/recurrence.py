@@ -1,12 +1,15 @@
-"""The logging step's recomputation of an nn.LSTM's or nn.GRU's internals, with the fewest ops per timestep.
+"""The production recurrence: what a logging step recomputes of an nn.LSTM, nn.GRU, nn.LSTMCell or nn.GRUCell.
 
-The same internals as `lstm_gates` / `gru_gates` and the same dL/dh_t as autograd through that recurrence, for
+The equations of the recurrences are written here once for the probes, with the fewest ops per timestep; the
+step-by-step reference they are held to (tests/test_fast.py) is `lstmwatch.gates`, behind `lstm_gates` /
+`gru_gates`. The same internals as that reference and the same dL/dh_t as autograd through it, for
 every configuration (layers, directions, projections, packed sequences), since a loop over time is what a
 logging step spends its time on. Each layer's hidden states come from the fused kernel (the top layer's from
 the module's own output, when the caller has it); every gate of every step then comes from two matmuls (the
 LSTM's cell state from one addcmul per step), and dL/dh_t from the backward recurrence written out, without an
 autograd graph. A `Cell` holds what differs between the LSTM and the GRU; the loops over layers and
-directions are shared.
+directions are shared. A cell module stepped by hand (nn.LSTMCell) gives every call's input and incoming state,
+so its gates come from the same per-step gate computation (`Cell.step`) without a recurrence to run.
 
 Shapes: S sampled sequences, T steps (padded to the longest), H hidden, P output (proj_size or H), D directions,
 G gates (4 for the LSTM, 3 for the GRU).
@@ -19,12 +22,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .stats import HIGH, LOW
+from . import stats
+from .gates import Weights
+
+GateStats = dict[tuple[str, str], Tensor]  # (gate or state, statistic) -> 0-d tensor
 
 
 class Layer(NamedTuple):
@@ -43,6 +50,16 @@ class GRULayer(NamedTuple):
     ghn: Tensor  # (S, T, H) h_{t-1} W_hn + b_hn: what r scales inside n
     h_prev: Tensor  # (S, T, H) the state each step starts from
     h: Tensor  # (S, T, H)
+
+
+class HasHidden(Protocol):
+    """A layer-direction's internals: whatever else they hold, the hidden state after each step."""
+
+    @property
+    def h(self) -> Tensor: ...
+
+
+L = TypeVar("L", bound=HasHidden)
 
 
 class Steps(NamedTuple):
@@ -68,15 +85,23 @@ class Steps(NamedTuple):
         return x.gather(1, self.rev[..., None].expand(-1, -1, x.shape[2]))
 
 
-class Cell(NamedTuple):
-    """What the shared loops need of one recurrence."""
+State = tuple[Tensor, ...]  # a layer-direction's initial states: (h_0 (S, P), c_0 (S, H)) or (h_0 (S, H),)
 
+
+@dataclass(frozen=True)
+class Cell(Generic[L]):
+    """What the shared loops need of one recurrence, and what a cell module's probe needs of it."""
+
+    gates: tuple[str, ...]  # the gates in the order of the weights' row blocks
     finals: tuple[str, ...]  # the final states nn.Module returns: ('h_n', 'c_n') or ('h_n',)
-    sizes: Callable  # module -> widths of those states: (P, H) for the LSTM, (H,) for the GRU
-    kernel: Callable  # (p, x, state0) -> h (S, T, P): the fused kernel over one layer-direction
-    layer: Callable  # (p, x, h, state0) -> Layer / GRULayer: every gate from the kernel's h
-    backward: Callable  # (p, layer, e, ec, state0, full) -> dh (S, T, P), dgx (S, T, G * H)
-    stats: Callable  # (layer, mask or None) -> statistics
+    sizes: Callable[[nn.RNNBase], tuple[int, ...]]  # widths of those states: (P, H) for the LSTM, (H,) for the GRU
+    kernel: Callable[[Weights, Tensor, State], Tensor]  # (p, x, state0) -> h (S, T, P): the fused kernel
+    layer: Callable[[Weights, Tensor, Tensor, State], L]  # (p, x, h, state0): every gate from the kernel's h
+    # (p, x, h_prev, c_prev or None): every step's internals from the state entering it, as a cell's calls give
+    step: Callable[[Weights, Tensor, Tensor, Tensor | None], L]
+    # (p, layer, e, ec, state0, full) -> dh (S, T, P), dgx (S, T, G * H)
+    backward: Callable[[Weights, L, Tensor, Tensor | None, State | None, bool], tuple[Tensor, Tensor]]
+    stats: Callable[[L, Tensor | None], GateStats]  # (layer, mask or None when every step is valid)
 
 
 def _tanh_(x: Tensor) -> Tensor:
@@ -84,12 +109,16 @@ def _tanh_(x: Tensor) -> Tensor:
     return x.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
-def _flat(p: dict[str, Tensor | None]) -> list[Tensor]:
-    flat = [p["w_ih"], p["w_hh"]] + ([p["b_ih"], p["b_hh"]] if p["b_ih"] is not None else [])
-    return flat + ([p["w_hr"]] if p.get("w_hr") is not None else [])
+def _flat(p: Weights) -> list[Tensor]:
+    """The weights in the order the fused op takes them."""
+    flat = [p["w_ih"], p["w_hh"]]
+    if p["b_ih"] is not None and p["b_hh"] is not None:
+        flat += [p["b_ih"], p["b_hh"]]
+    return flat + ([p["w_hr"]] if p["w_hr"] is not None else [])
 
 
-def _run_kernel(op, p: dict[str, Tensor | None], x: Tensor, hx) -> Tensor:
+def _run_kernel(op: Callable[..., tuple[Tensor, ...]], p: Weights, x: Tensor,
+                hx: Tensor | tuple[Tensor, Tensor]) -> Tensor:
     """One layer-direction through the op the module's forward calls (no dropout, eval, batch first)."""
     with warnings.catch_warnings():
         # cuDNN warns that weights outside one flat buffer get compacted: these are the step's snapshot.
@@ -97,8 +126,8 @@ def _run_kernel(op, p: dict[str, Tensor | None], x: Tensor, hx) -> Tensor:
         return op(x, hx, _flat(p), p["b_ih"] is not None, 1, 0.0, False, False, True)[0]
 
 
-def forward(cell: Cell, params: list[dict[str, Tensor | None]], module: nn.RNNBase, x: Tensor, steps: Steps,
-            state: tuple[Tensor, ...] | None = None, top: Tensor | None = None) -> list:
+def forward(cell: Cell[L], params: list[Weights], module: nn.RNNBase, x: Tensor, steps: Steps,
+            state: tuple[Tensor, ...] | None = None, top: Tensor | None = None) -> list[L]:
     """Every layer-direction's internals for x (S, T, F), in h_n's order; not differentiable.
 
     state: the initial states as the module takes them, (L * D, S, *) each, zeros when None. top (S, T, D * P):
@@ -126,7 +155,7 @@ def forward(cell: Cell, params: list[dict[str, Tensor | None]], module: nn.RNNBa
     return layers
 
 
-def backward(cell: Cell, params: list[dict[str, Tensor | None]], layers: list, module: nn.RNNBase, steps: Steps,
+def backward(cell: Cell[L], params: list[Weights], layers: list[L], module: nn.RNNBase, steps: Steps,
              g_out: Tensor | None, g_finals: tuple[Tensor | None, ...] = (),
              state: tuple[Tensor, ...] | None = None) -> list[Tensor]:
     """dL/dh_t of every layer-direction and step, in real time: through the head and all later steps.
@@ -137,10 +166,11 @@ def backward(cell: Cell, params: list[dict[str, Tensor | None]], layers: list, m
     d = 2 if module.bidirectional else 1
     top = layers[-1].h
     s, t_len, psize = top.shape
-    ext = g_out.to(top.dtype) if g_out is not None else top.new_zeros(s, t_len, d * psize)  # into the top layer
+    ext: Tensor | None = g_out.to(top.dtype) if g_out is not None else top.new_zeros(s, t_len, d * psize)
     g_hn, g_cn = (tuple(g_finals) + (None, None))[:2]
     out: list[Tensor] = [top] * len(layers)
     for k in reversed(range(module.num_layers)):
+        assert ext is not None  # what reaches layer k from above: the head's gradient, then each layer's
         below = None
         for j in range(d):
             idx = k * d + j
@@ -150,8 +180,8 @@ def backward(cell: Cell, params: list[dict[str, Tensor | None]], layers: list, m
             if g_hn is not None:
                 e = _at_last(e, steps, g_hn[idx].to(e.dtype))
             ec = None
-            if g_cn is not None:
-                ec = _at_last(torch.zeros_like(layers[idx].c), steps, g_cn[idx].to(e.dtype))
+            if g_cn is not None:  # (S, T, H): c_n's gradient at each sequence's last step, zero elsewhere
+                ec = _at_last(e.new_zeros(s, t_len, g_cn.shape[-1]), steps, g_cn[idx].to(e.dtype))
             st0 = tuple(t[idx] for t in state) if state is not None else None
             dh, dgx = cell.backward(params[idx], layers[idx], e, ec, st0, steps.last is None)
             out[idx] = steps.reverse(dh) if j else dh
@@ -175,33 +205,50 @@ def _at_last(e: Tensor, steps: Steps, g: Tensor) -> Tensor:
 # --- the LSTM
 
 
-def _lstm_kernel(p: dict[str, Tensor | None], x: Tensor, st0: tuple[Tensor, ...]) -> Tensor:
+def _lstm_kernel(p: Weights, x: Tensor, st0: State) -> Tensor:
     return _run_kernel(torch._VF.lstm, p, x, (st0[0][None], st0[1][None]))
 
 
-def _lstm_layer(p: dict[str, Tensor | None], x: Tensor, h: Tensor, st0: tuple[Tensor, ...]) -> Layer:
-    """Gates and cell states of every step from the layer's input x (S, T, F) and hidden states h (S, T, P)."""
-    (h_0, c_0), hsize = st0, st0[1].shape[-1]
+def _lstm_gates(p: Weights, x: Tensor, h_prev: Tensor) -> Tensor:
+    """i, f, g, o (S, T, 4, H) of every step at once from the input x (S, T, F) and the state entering each
+    step h_prev (S, T, P): two matmuls, the nonlinearities in place."""
     s, t_len = x.shape[:2]
-    h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)  # (S, T, P) the state each step starts from
-    z = (x.reshape(s * t_len, -1) @ p["w_ih"].T if p["b_ih"] is None
+    hsize = p["w_hh"].shape[0] // 4
+    z = (x.reshape(s * t_len, -1) @ p["w_ih"].T if p["b_ih"] is None or p["b_hh"] is None
          else torch.addmm(p["b_ih"] + p["b_hh"], x.reshape(s * t_len, -1), p["w_ih"].T))
     z.addmm_(h_prev.reshape(s * t_len, -1), p["w_hh"].T)
     act = z.view(s, t_len, 4, hsize)
     act[:, :, 2] *= 2
     act.sigmoid_()  # in place: a fresh buffer this size costs page faults on every logging step
     act[:, :, 2].mul_(2).sub_(1)  # tanh(x) = 2 sigmoid(2x) - 1
+    return act
+
+
+def _lstm_layer(p: Weights, x: Tensor, h: Tensor, st0: State) -> Layer:
+    """Gates and cell states of every step from the layer's input x (S, T, F) and hidden states h (S, T, P)."""
+    h_0, c_0 = st0
+    h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)  # (S, T, P) the state each step starts from
+    act = _lstm_gates(p, x, h_prev)
     ig, fs = (act[:, :, 0] * act[:, :, 2]).unbind(1), act[:, :, 1].unbind(1)
     cs, cc = [], c_0
-    for t in range(t_len):
+    for t in range(x.shape[1]):
         cc = torch.addcmul(ig[t], fs[t], cc)
         cs.append(cc)
     c = torch.stack(cs, 1)
     return Layer(act, c, _tanh_(c.clone()), h)
 
 
-def _lstm_backward(p: dict[str, Tensor | None], layer: Layer, e: Tensor, ec: Tensor | None,
-                   st0: tuple[Tensor, ...] | None, full: bool) -> tuple[Tensor, Tensor]:
+def _lstm_step(p: Weights, x: Tensor, h_prev: Tensor, c_prev: Tensor | None) -> Layer:
+    """Every step's internals from its input x (S, T, F) and the states entering it, h_prev and c_prev (S, T, H)."""
+    assert c_prev is not None, "an LSTM step needs the cell state entering it"
+    act = _lstm_gates(p, x, h_prev)
+    c = torch.addcmul(act[:, :, 0] * act[:, :, 2], act[:, :, 1], c_prev)  # f c_prev + i g
+    tc = _tanh_(c.clone())
+    return Layer(act, c, tc, act[:, :, 3] * tc)  # no projection: a cell's h is o tanh(c)
+
+
+def _lstm_backward(p: Weights, layer: Layer, e: Tensor, ec: Tensor | None,
+                   st0: State | None, full: bool) -> tuple[Tensor, Tensor]:
     """The LSTM's backward recurrence over one layer-direction, from the recomputed gates.
 
     e (S, T, P): dL/dh_t from outside the recurrence; ec (S, T, H): dL/dc_t from outside (c_n), or None.
@@ -238,80 +285,52 @@ def _lstm_backward(p: dict[str, Tensor | None], layer: Layer, e: Tensor, ec: Ten
     return torch.stack(dhs, 1), torch.stack(dzs, 1)
 
 
-def _summer(act: Tensor, h: Tensor, mask: Tensor | None):
-    """(n, nh, total): the counts of valid gate and hidden values, and a sum over valid steps of (S, T, ...)."""
-    if mask is None:
-        n, nh = act.shape[0] * act.shape[1] * act.shape[3], h.numel()
-
-        def total(x: Tensor, dims=None) -> Tensor:
-            return x.sum(dims) if dims is not None else x.sum()  # a bool tensor sums to its count
-    else:
-        m = mask.to(act.dtype)
-        n, nh = m.sum() * act.shape[3], m.sum() * h.shape[2]
-
-        def total(x: Tensor, dims=None) -> Tensor:
-            # Over valid steps only: x (S, T, ...) weighted by the mask.
-            w = m.view(*m.shape, *([1] * (x.dim() - 2)))
-            return (x * w).sum(dims) if dims is not None else (x * w).sum()
-    return n, nh, total
+LSTM_GATES = ("input", "forget", "cell", "output")  # i, f, g, o: the row blocks of weight_ih and weight_hh
 
 
-def _gate_stats(act: Tensor, h: Tensor, mask: Tensor | None, sigmoids: tuple[tuple[int, str], ...],
-                tanh: tuple[int, str]):
-    """Mean and saturation of every gate of act (S, T, G, H) and of h; also (n, total) for a cell's own."""
-    n, nh, total = _summer(act, h, mask)
-    dims = (0, 1, 3)
-    mean = total(act, dims) / n  # (G,)
-    left = total(act < LOW, dims) / n
-    right = total(act > HIGH, dims) / n
-    out = {}
-    for k, gate in sigmoids:
-        out[f"{gate}/mean"], out[f"{gate}/sat_left"], out[f"{gate}/sat_right"] = mean[k], left[k], right[k]
-    k, gate = tanh
-    out[f"{gate}/mean"] = mean[k]
-    out[f"{gate}/sat"] = right[k] + total(act[:, :, k] < -HIGH) / n
-    ha = h.abs()
-    out["h/sat"] = total(ha > HIGH) / nh
-    out["h/absmean"] = total(ha) / nh
-    return out, n, total
-
-
-def _lstm_stats(layer: Layer, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """stats.gate_stats of one layer-direction: a few passes over (S, T, 4, H); mask (S, T) or None if all valid."""
-    act, c, tc, h = layer
-    out, n, total = _gate_stats(act, h, mask, ((0, "input"), (1, "forget"), (3, "output")), (2, "cell"))
-    out["c/sat"] = total(tc.abs() > HIGH) / n
-    ca = c.abs()
-    out["c/absmean"] = total(ca) / n
-    out["c/absmax"] = ca.amax() if mask is None else (ca * mask[..., None]).amax()
-    return out
+def _lstm_stats(layer: Layer, mask: Tensor | None = None) -> GateStats:
+    """stats.gate_stats of one LSTM layer-direction, with its cell state."""
+    return stats.gate_stats(layer.act, layer.h, mask, LSTM_GATES, tanh=2, cell=(layer.c, layer.tc))
 
 
 # --- the GRU
 
 
-def _gru_kernel(p: dict[str, Tensor | None], x: Tensor, st0: tuple[Tensor, ...]) -> Tensor:
+def _gru_kernel(p: Weights, x: Tensor, st0: State) -> Tensor:
     return _run_kernel(torch._VF.gru, p, x, st0[0][None])
 
 
-def _gru_layer(p: dict[str, Tensor | None], x: Tensor, h: Tensor, st0: tuple[Tensor, ...]) -> GRULayer:
-    """r, z and n of every step from the layer's input x (S, T, F) and hidden states h (S, T, H)."""
-    h_0 = st0[0]
-    s, t_len, hsize = h.shape
-    h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)
+def _gru_gates(p: Weights, x: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """r, z, n (S, T, 3, H) of every step at once from the input x (S, T, F) and the state entering each step
+    h_prev (S, T, H); and gh_n (S, T, H), h_prev W_hn + b_hn, which r scales inside n."""
+    s, t_len, hsize = h_prev.shape
     gx = x.reshape(s * t_len, -1) @ p["w_ih"].T  # (S * T, 3H)
     gh = h_prev.reshape(s * t_len, -1) @ p["w_hh"].T
-    if p["b_ih"] is not None:
+    if p["b_ih"] is not None and p["b_hh"] is not None:
         gx += p["b_ih"]
         gh += p["b_hh"]
     act, gh = gx.view(s, t_len, 3, hsize), gh.view(s, t_len, 3, hsize)  # act: gx, in place
     act[:, :, :2].add_(gh[:, :, :2]).sigmoid_()  # r, z
     act[:, :, 2] = _tanh_(torch.addcmul(act[:, :, 2], act[:, :, 0], gh[:, :, 2]))  # n = tanh(gx_n + r gh_n)
-    return GRULayer(act, gh[:, :, 2], h_prev, h)
+    return act, gh[:, :, 2]
 
 
-def _gru_backward(p: dict[str, Tensor | None], layer: GRULayer, e: Tensor, ec: Tensor | None,
-                  st0: tuple[Tensor, ...] | None, full: bool) -> tuple[Tensor, Tensor]:
+def _gru_layer(p: Weights, x: Tensor, h: Tensor, st0: State) -> GRULayer:
+    """r, z and n of every step from the layer's input x (S, T, F) and hidden states h (S, T, H)."""
+    h_prev = torch.cat([st0[0][:, None], h[:, :-1]], 1)
+    act, ghn = _gru_gates(p, x, h_prev)
+    return GRULayer(act, ghn, h_prev, h)
+
+
+def _gru_step(p: Weights, x: Tensor, h_prev: Tensor, c_prev: Tensor | None = None) -> GRULayer:
+    """Every step's internals from its input x (S, T, F) and the state entering it h_prev (S, T, H)."""
+    act, ghn = _gru_gates(p, x, h_prev)
+    z, n = act[:, :, 1], act[:, :, 2]
+    return GRULayer(act, ghn, h_prev, (1 - z) * n + z * h_prev)
+
+
+def _gru_backward(p: Weights, layer: GRULayer, e: Tensor, ec: Tensor | None,
+                  st0: State | None, full: bool) -> tuple[Tensor, Tensor]:
     """The GRU's backward recurrence over one layer-direction, from the recomputed gates.
 
     h_t = (1 - z) n + z h_{t-1};  n = tanh(gx_n + r gh_n);  gh = h_{t-1} W_hh + b_hh.
@@ -331,18 +350,33 @@ def _gru_backward(p: dict[str, Tensor | None], layer: GRULayer, e: Tensor, ec: T
     dhs = [es[0]] * t_len
     dh = dgh = None
     for t in range(t_len - 1, -1, -1):
-        dh = es[t] if dh is None else torch.addmm(torch.addcmul(es[t], dh, zs[t + 1]), dgh, whh)
+        if dh is None or dgh is None:
+            dh = es[t]
+        else:
+            dh = torch.addmm(torch.addcmul(es[t], dh, zs[t + 1]), dgh, whh)
         dgh = torch.cat([dh, dh, dh], 1).mul_(bs[t])
         dhs[t] = dh
     dh_all = torch.stack(dhs, 1)
     return dh_all, (bx * dh_all[:, :, None]).view(s, t_len, 3 * hsize)
 
 
-def _gru_stats(layer: GRULayer, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """stats.gru_gate_stats of one layer-direction: a few passes over (S, T, 3, H)."""
-    return _gate_stats(layer.act, layer.h, mask, ((0, "reset"), (1, "update")), (2, "new"))[0]
+GRU_GATES = ("reset", "update", "new")  # r, z, n: the row blocks of weight_ih and weight_hh
 
 
-LSTM = Cell(("h_n", "c_n"), lambda m: (m.proj_size or m.hidden_size, m.hidden_size), _lstm_kernel, _lstm_layer,
-            _lstm_backward, _lstm_stats)
-GRU = Cell(("h_n",), lambda m: (m.hidden_size,), _gru_kernel, _gru_layer, _gru_backward, _gru_stats)
+def _gru_stats(layer: GRULayer, mask: Tensor | None = None) -> GateStats:
+    """stats.gate_stats of one GRU layer-direction."""
+    return stats.gate_stats(layer.act, layer.h, mask, GRU_GATES, tanh=2)
+
+
+def _lstm_sizes(m: nn.RNNBase) -> tuple[int, ...]:
+    return (m.proj_size or m.hidden_size, m.hidden_size)
+
+
+def _gru_sizes(m: nn.RNNBase) -> tuple[int, ...]:
+    return (m.hidden_size,)
+
+
+LSTM: Cell[Layer] = Cell(LSTM_GATES, ("h_n", "c_n"), _lstm_sizes, _lstm_kernel, _lstm_layer, _lstm_step,
+                         _lstm_backward, _lstm_stats)
+GRU: Cell[GRULayer] = Cell(GRU_GATES, ("h_n",), _gru_sizes, _gru_kernel, _gru_layer, _gru_step, _gru_backward,
+                           _gru_stats)

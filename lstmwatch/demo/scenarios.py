@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
+
+if TYPE_CHECKING:
+    from ..watch import Watcher
 
 __all__ = ["Scenario", "SCENARIOS", "DEMO", "run"]
 
@@ -35,6 +38,8 @@ class Net(nn.Module):
         if self.embed is not None:
             x = self.embed(x)
         if self.packed:
+            if lengths is None:
+                raise ValueError("a packed Net needs the lengths of the sequences")
             _, (h, _) = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
             feat = torch.cat([h[-2], h[-1]], 1) if self.lstm.bidirectional else h[-1]
             return self.head(feat.detach() if self.detach else feat)
@@ -46,9 +51,12 @@ class Net(nn.Module):
 
 # --- tasks: each returns a batch function step -> (x, y, lengths or None)
 
-def sine_task(batch: int, T: int, scale: float = 1.0, shift: float = 0.0, gen: torch.Generator | None = None):
+Batch = tuple[Tensor, Tensor, Tensor | None]
+Task = Callable[[int], Batch]
+
+def sine_task(batch: int, T: int, scale: float = 1.0, shift: float = 0.0, gen: torch.Generator | None = None) -> Task:
     """Forecast the next value of noisy sines of random frequency and phase."""
-    def make(step: int):
+    def make(step: int) -> Batch:
         f = torch.rand(batch, 1, generator=gen) * 0.3 + 0.05
         p = torch.rand(batch, 1, generator=gen) * 6.28
         t = torch.arange(T + 1).float()
@@ -58,9 +66,10 @@ def sine_task(batch: int, T: int, scale: float = 1.0, shift: float = 0.0, gen: t
     return make
 
 
-def memory_task(batch: int, T: int, n_in: int = 4, gen: torch.Generator | None = None, lag_from_end: int | None = None):
+def memory_task(batch: int, T: int, n_in: int = 4, gen: torch.Generator | None = None,
+                lag_from_end: int | None = None) -> Task:
     """Classify by the sign of the first feature at an early step (needs memory across T)."""
-    def make(step: int):
+    def make(step: int) -> Batch:
         x = torch.randn(batch, T, n_in, generator=gen)
         k = 0 if lag_from_end is None else T - lag_from_end
         y = (x[:, k, 0] > 0).long()
@@ -68,9 +77,9 @@ def memory_task(batch: int, T: int, n_in: int = 4, gen: torch.Generator | None =
     return make
 
 
-def varlen_task(batch: int, T: int, n_in: int = 4, gen: torch.Generator | None = None):
+def varlen_task(batch: int, T: int, n_in: int = 4, gen: torch.Generator | None = None) -> Task:
     """Sequences of lengths T/4..T, zero-padded at the end; the label is the sign of the sum of feature 0."""
-    def make(step: int):
+    def make(step: int) -> Batch:
         lengths = torch.randint(T // 4, T + 1, (batch,), generator=gen)
         x = torch.randn(batch, T, n_in, generator=gen)
         x = x * (torch.arange(T)[None, :, None] < lengths[:, None, None])
@@ -79,9 +88,9 @@ def varlen_task(batch: int, T: int, n_in: int = 4, gen: torch.Generator | None =
     return make
 
 
-def token_task(batch: int, T: int, vocab: int, gen: torch.Generator | None = None):
+def token_task(batch: int, T: int, vocab: int, gen: torch.Generator | None = None) -> Task:
     """Token sequences; the label is whether token 1 occurs."""
-    def make(step: int):
+    def make(step: int) -> Batch:
         x = torch.randint(2, vocab, (batch, T), generator=gen)
         has = torch.rand(batch, generator=gen) < 0.5
         pos = torch.randint(0, T, (batch,), generator=gen)
@@ -96,7 +105,7 @@ class Setup:
 
     model: nn.Module
     opt: torch.optim.Optimizer
-    data: Callable[[int], tuple]
+    data: Task
     loss: Callable[[Tensor, Tensor], Tensor]
     sched: Any = None
     clip: float | None = None
@@ -226,23 +235,25 @@ def _not_updated(g):
 def _exploding(g):
     m = Net(4, 32, 2)
     with torch.no_grad():
-        m.lstm.weight_hh_l0.normal_(0, 1.2)  # recurrent gain far above 1: gradients grow back through time
-        m.lstm.bias_hh_l0[32:64].fill_(6.0)  # forget gate held open, so the growth is not damped
+        # Recurrent gain far above 1: gradients grow back through time.
+        m.lstm.get_parameter("weight_hh_l0").normal_(0, 1.2)
+        m.lstm.get_parameter("bias_hh_l0")[32:64].fill_(6.0)  # forget gate held open, so the growth is not damped
     return Setup(m, torch.optim.SGD(m.parameters(), 0.05), memory_task(32, 60, gen=g), _ce)
 
 
 def _gate_saturation(g):
     m = Net(4, 32, 2)
     with torch.no_grad():
-        m.lstm.bias_ih_l0[:32].fill_(-12.0)  # input gate shut from initialization
+        m.lstm.get_parameter("bias_ih_l0")[:32].fill_(-12.0)  # input gate shut from initialization
     return Setup(m, torch.optim.Adam(m.parameters(), 1e-3), memory_task(32, 20, gen=g, lag_from_end=5), _ce)
 
 
 def _hidden_saturation(g):
     m = Net(4, 32, 2)
     with torch.no_grad():
-        m.lstm.bias_ih_l0[:64].fill_(6.0)  # input and forget gates held open: the cell only accumulates
-        m.lstm.bias_ih_l0[64:96].fill_(3.0)  # and always adds the same sign, so tanh(c) is pinned
+        # Input and forget gates held open: the cell only accumulates,
+        m.lstm.get_parameter("bias_ih_l0")[:64].fill_(6.0)
+        m.lstm.get_parameter("bias_ih_l0")[64:96].fill_(3.0)  # and always adds the same sign, so tanh(c) is pinned
     return Setup(m, torch.optim.Adam(m.parameters(), 1e-3), memory_task(32, 20, gen=g, lag_from_end=5), _ce)
 
 
@@ -288,9 +299,9 @@ DEMO: list[Scenario] = [BY_NAME[n] for n in ("healthy_forecast", "unnormalized_i
 
 
 def run(sc: Scenario, *, steps: int | None = None, seed: int = 0, progress: Callable[[int, int], None] | None = None,
-        **watch_kwargs: Any):
+        **watch_kwargs: Any) -> Watcher:
     """Train a scenario under lstmwatch.watch(**watch_kwargs); returns the closed Watcher."""
-    from .watch import watch
+    from ..watch import watch
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)

@@ -1,0 +1,110 @@
+"""The training loss seen through the records, computed once per record and read by every detector that asks."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+from .. import keys
+from ..record import Record
+
+# Steps over which the starting level is averaged: 50 for "has the loss improved from its start", 2 for
+# divergence, so a run that diverges at once does not pull its own yardstick up.
+START_STEPS = (2, 50)
+
+
+class LossTrend:
+    """The training loss seen through the records: its starting levels, best and latest smoothed values.
+
+    Everything is kept in the loss's own units; a detector that reads a score that should rise (mode "max")
+    passes sign=-1 where it asks for a best, an improvement or a stall.
+
+    A starting level is the mean loss over the first `steps` steps (each record's mean loss weighted by the
+    steps it covers), so a few lucky first batches do not set it. The latest value is the mean over the last
+    `smooth_steps` steps or more (whole records), so records every step on small noisy batches read like
+    records every 50; the best is the lowest (sign -1: highest) such value. A non-finite loss breaks the
+    trend: from then on it has no improvement and no stall (what follows is the non-finite detector's), while
+    its levels go on over the finite losses that come after (a divergence is still judged on them).
+    """
+
+    def __init__(self, smooth_steps: int = 50, start_steps: tuple[int, ...] = START_STEPS):
+        self.smooth_steps = smooth_steps
+        self._start: dict[int, list[float]] = {n: [0.0, 0.0] for n in start_steps}  # steps -> [sum, covered]
+        self._recent: deque[tuple[int, float]] = deque()  # (steps covered, mean loss) of the latest records
+        self.latest: float | None = None
+        self.low: float | None = None  # the lowest and highest smoothed loss so far
+        self.high: float | None = None
+        self.prior_low: float | None = None  # low and high before the latest record came in
+        self.prior_high: float | None = None
+        self.step = 0  # step of the latest record with a finite loss
+        self._prev_step = 0
+        self.broken = False
+        self.latest_unbroken: float | None = None  # the latest value before the first non-finite loss
+
+    def update(self, record: Record) -> None:
+        """Take the record's mean loss since the previous record; a record without one changes nothing."""
+        v = record.get(keys.LOSS_MEAN)
+        if v is None:
+            return
+        if not math.isfinite(v):
+            self.broken = True
+            return
+        span = max(record.step - self._prev_step, 1)
+        self._prev_step = record.step
+        if not self.broken:
+            self.step = record.step
+        for steps, acc in self._start.items():
+            if acc[1] < steps:
+                acc[0] += v * span
+                acc[1] += span
+        self._recent.append((span, v))
+        while len(self._recent) > 1 and sum(n for n, _ in self._recent) - self._recent[0][0] >= self.smooth_steps:
+            self._recent.popleft()  # the newer records cover the window without it
+        self.latest = sum(n * x for n, x in self._recent) / sum(n for n, _ in self._recent)
+        self.prior_low, self.prior_high = self.low, self.high
+        self.low = self.latest if self.low is None else min(self.low, self.latest)
+        self.high = self.latest if self.high is None else max(self.high, self.latest)
+        if not self.broken:
+            self.latest_unbroken = self.latest
+
+    def level0(self, steps: int = 50) -> float | None:
+        """The starting level: the mean loss over the first `steps` steps (one of START_STEPS)."""
+        total, covered = self._start[steps]
+        return total / covered if covered else None
+
+    def best(self, sign: float = 1.0, prior: bool = False) -> float | None:
+        """The best smoothed loss so far (sign -1: of a score, the highest); `prior`: before the latest record."""
+        if prior:
+            return self.prior_low if sign > 0 else self.prior_high
+        return self.low if sign > 0 else self.high
+
+    def improvement(self, sign: float = 1.0) -> float | None:
+        """Relative improvement of the latest loss over the starting level (0.1 = 10% better); None once broken."""
+        level0 = self.level0()
+        if level0 is None or self.latest is None or self.broken:
+            return None
+        return (sign * level0 - sign * self.latest) / max(abs(level0), 1e-12)
+
+    def stalled(self, min_steps: int, min_delta: float, sign: float = 1.0, step: int | None = None) -> bool:
+        """No improvement of at least min_delta (relative) from the start, at `step` (default: the latest loss's)
+        when that is min_steps or later. The one definition of a stalled loss every detector uses."""
+        imp = self.improvement(sign)
+        return imp is not None and (self.step if step is None else step) >= min_steps and imp < min_delta
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: enough to resume the trend from a checkpoint."""
+        return {"smooth_steps": self.smooth_steps, "start": [[n, *a] for n, a in self._start.items()],
+                "recent": [list(r) for r in self._recent], "latest": self.latest, "low": self.low, "high": self.high,
+                "prior_low": self.prior_low, "prior_high": self.prior_high, "step": self.step,
+                "prev_step": self._prev_step, "broken": self.broken, "latest_unbroken": self.latest_unbroken}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Resume from `state_dict()`'s values."""
+        self.smooth_steps = d["smooth_steps"]
+        self._start = {int(n): [float(s), float(c)] for n, s, c in d["start"]}
+        self._recent = deque((int(n), float(x)) for n, x in d["recent"])
+        self.latest, self.low, self.high = d["latest"], d["low"], d["high"]
+        self.prior_low, self.prior_high = d["prior_low"], d["prior_high"]
+        self.step, self._prev_step, self.broken = d["step"], d["prev_step"], d["broken"]
+        self.latest_unbroken = d["latest_unbroken"]

@@ -1,0 +1,227 @@
+"""The probe of one module: its hooks' lifecycle, gradient norms, the update ratio, where NaN/Inf appeared.
+
+Hooks only keep references and launch device work; nothing here reads a value back.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
+
+from .. import keys, recurrence, stats
+from ..interfaces import ModuleInfo
+from ..schedule import Clock
+
+# What describe() reports of a module, when it has it.
+_CONFIG = ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_first", "bias", "dropout", "proj_size")
+
+DATA_SITE, GATES_SITE = "data", "gates"  # non-finite sites of the input and of the recomputed gates (keys.SITES)
+
+
+def grad_site(pname: str) -> str:
+    """The non-finite site of a parameter's gradient: 'grad/weight_hh_l0'."""
+    return f"grad/{pname}"
+
+
+def is_scaled(scaler: Any) -> bool:
+    """Whether a GradScaler is on and has scaled this step's gradients."""
+    return scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled()
+
+
+class Probe:
+    """Hooks on one module: gradient norms per parameter, layer and gate, the update ratio, non-finite sites.
+
+    Subclasses name the recurrence and add what their forward shows: `_on_forward` captures, `_internals`
+    recomputes.
+    """
+
+    cell: recurrence.Cell[Any]  # the module's recurrence: its gates, final states and equations
+    kind = ""  # 'lstm', 'gru', 'lstm_cell', 'gru_cell'
+
+    def __init__(self, name: str, module: nn.Module, clock: Clock):
+        self.name, self.module, self.clock = name, module, clock
+        self.params = dict(module.named_parameters())
+        self.labels = {p: keys.param_layer(p) for p in self.params}
+        self._gsq: dict[str, Tensor] = {}  # param -> (blocks,) squared norms of its accumulated gradient
+        self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
+        self._weights: dict[str, Tensor] | None = None  # a logging step's parameters, before the optimizer step
+        self._forward_weights: dict[str, Tensor] = {}  # the weights its forward read, by the names forward reads
+        self.handles: list[RemovableHandle] = [module.register_forward_hook(self._hook, with_kwargs=True)]
+        for pname, p in self.params.items():
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, pname)))
+
+    def _weight_names(self) -> list[str]:
+        """The names of the weights the module's forward reads."""
+        m = self.module
+        if isinstance(m, nn.RNNBase):
+            return list(m._flat_weights_names)
+        return [n for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if hasattr(m, n)]
+
+    @property
+    def gates(self) -> tuple[str, ...]:
+        """The gates, in the order of the weights' row blocks."""
+        return self.cell.gates
+
+    def _blocks(self, pname: str) -> int:
+        """How many gate blocks a parameter's rows hold (the LSTM's projection weight_hr: one)."""
+        return 1 if "_hr" in pname else len(self.gates)
+
+    # --- configuration shown in run logs and reports
+    def describe(self) -> dict[str, Any]:
+        """The module's configuration, as plain values."""
+        m = self.module
+        conf: dict[str, Any] = {"type": type(m).__name__, "parameters": sum(p.numel() for p in self.params.values())}
+        for k in _CONFIG:
+            if hasattr(m, k):
+                conf[k] = getattr(m, k)
+        return conf
+
+    def info(self) -> ModuleInfo:
+        """The watched module: qualified name, kind, configuration."""
+        return ModuleInfo(self.name, self.kind, self.describe())
+
+    def remove(self) -> None:
+        """Remove every hook this probe added; safe to call twice."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.end_step()
+
+    # --- hooks
+    def _mark(self, site: str, finite: Tensor) -> None:
+        """Date the first non-finite value at a site: finite (0-d bool, on the device) False marks this step."""
+        first = self._first_bad.get(site)
+        if first is None:
+            first = torch.full((), math.inf, device=finite.device)
+        self._first_bad[site] = stats.first_nonfinite(first, finite, self.clock.step)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not torch.is_grad_enabled():  # an evaluation pass, not the training step
+            return
+        if self.clock.logging and self._weights is None:
+            self._weights = {n: p.detach().clone() for n, p in self.params.items()}
+            self._forward_weights = self._weights
+            if parametrize.is_parametrized(module):  # weight_norm and the like: forward reads computed weights
+                self._forward_weights = {n: getattr(module, n).detach().clone() for n in self._weight_names()
+                                         if getattr(module, n, None) is not None}
+        self._on_forward(args, kwargs, output)
+
+    def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        """Keep what a training forward shows (subclasses)."""
+
+    def _mark_data(self, x: Tensor) -> None:
+        """Watch a forward's input for NaN/Inf with one reduction: a NaN or Inf anywhere makes the sum non-finite."""
+        if x.is_floating_point():
+            self._mark(DATA_SITE, torch.isfinite(x.sum(dtype=torch.float32)))
+
+    def _on_grad(self, pname: str, p: Tensor) -> None:
+        if p.grad is None:
+            return
+        scaler: Any = self.clock.scaler  # a torch.amp.GradScaler, or None
+        scaled = is_scaled(scaler)
+        if not self.clock.logging:
+            # Outside logging steps only watch for NaN/Inf, with one reduction (the scaler's Infs are its own).
+            if not scaled:
+                self._mark(grad_site(pname), torch.isfinite(p.grad.detach().sum(dtype=torch.float32)))
+            return
+        sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
+        if scaled:
+            # Hooks run before unscale_: divide by the scale this backward used. An Inf here is the
+            # scaler's business (it skips the step and lowers the scale), not a fault.
+            # NaN marks the statistic unknown for this step, so detectors pass over it.
+            scale2 = scaler._scale.to(sq.device).float().pow(2)
+            self._gsq[pname] = torch.where(torch.isfinite(sq), sq / scale2, torch.nan)
+            return
+        self._gsq[pname] = sq
+        self._mark(grad_site(pname), torch.isfinite(sq.sum()))
+
+    def adopt_scaler(self, scaler: Any) -> None:
+        """A GradScaler found after this step's backward: unscale what the hooks kept, forget its Infs."""
+        scale2 = scaler._scale.float().pow(2)
+        self._gsq = {k: torch.where(torch.isfinite(v), v / scale2.to(v.device), torch.nan)
+                     for k, v in self._gsq.items()}
+        self._first_bad = {k: v for k, v in self._first_bad.items() if not k.startswith(grad_site(""))}
+
+    # --- the logging step
+    def end_step(self) -> None:
+        """Forget what this step captured."""
+        self._gsq = {}
+        self._weights, self._forward_weights = None, {}
+
+    def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Device statistics of this step, and the few values the host already knows.
+
+        A record forced between logging steps (a validation loss) has no gradient statistics: the
+        hooks only watched for NaN/Inf during its backward.
+        """
+        items: dict[str, Tensor] = {}
+        host: dict[str, float] = {}
+        if self.clock.logging:
+            items, host = self._grad_stats()
+        if self._weights is not None:
+            items.update(self._update_ratio(self._weights))
+            items.update(self._internals(step))
+        for site, first in self._first_bad.items():
+            items[keys.nonfinite_key(self.name, site)] = first
+        return items, host
+
+    def _grad_stats(self) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Gradient norms per parameter, layer-direction and gate, from the block norms the hooks kept."""
+        n, dev = self.name, next(iter(self.params.values())).device
+        items: dict[str, Tensor] = {}
+        trainable = sum(p.requires_grad for p in self.params.values())
+        host = {keys.module_key(n, "grads_seen"): len(self._gsq) / max(1, trainable),
+                keys.module_key(n, "trainable"): trainable / len(self.params)}
+        zero = torch.zeros((), device=dev)
+        layer_sq: dict[str, Tensor] = {}
+        gate_sq: dict[str, Tensor] = {}
+        for pname in self.params:
+            sq = self._gsq.get(pname)
+            if sq is None:
+                continue
+            items[keys.param_key(n, pname)] = sq.sum().sqrt()
+            lab = self.labels.get(pname, "other")
+            layer_sq[lab] = layer_sq.get(lab, zero) + sq.sum()
+            if sq.numel() == len(self.gates):
+                gate_sq[lab] = gate_sq.get(lab, torch.zeros(len(self.gates), device=dev)) + sq
+        items[keys.module_key(n, "grad_norm")] = sum(layer_sq.values(), zero).sqrt()
+        for lab in sorted(set(self.labels.values())):
+            items[keys.layer_key(n, lab, "grad_norm")] = layer_sq.get(lab, zero).sqrt()
+            gq = gate_sq.get(lab)
+            for k, gate in enumerate(self.gates):
+                items[keys.gate_key(n, lab, gate, "grad_norm")] = gq[k].sqrt() if gq is not None else zero
+        return items, host
+
+    def _update_ratio(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """|w_after - w_before| / |w_before| per layer-direction: the optimizer's step, relative."""
+        d2: dict[str, Tensor] = {}
+        w2: dict[str, Tensor] = {}
+        for pname, p in self.params.items():
+            lab = self.labels[pname]
+            before = weights[pname]
+            d2[lab] = d2.get(lab, 0) + (p.detach() - before).float().pow(2).sum()
+            w2[lab] = w2.get(lab, 0) + before.float().pow(2).sum()
+        return {keys.layer_key(self.name, lab, "update_ratio"): (d2[lab] / w2[lab].clamp_min(1e-30)).sqrt()
+                for lab in d2}
+
+    def _internals(self, step: int) -> dict[str, Tensor]:
+        """Statistics of what the forward showed (subclasses)."""
+        return {}
+
+
+def gtt_items(module: str, layer: str | None, tt: stats.ThroughTime) -> dict[str, Tensor]:
+    """The gradient through time of a layer-direction (or, layer None, of the module) under its keys."""
+    return {keys.gtt_key(module, layer): tt.curve, keys.gtt_key(module, layer, "ratio"): tt.ratio,
+            keys.gtt_key(module, layer, "decay"): tt.decay}
+
+
+def gate_items(module: str, layer: str, st: dict[tuple[str, str], Tensor]) -> dict[str, Tensor]:
+    """A layer-direction's gate statistics, keyed (gate or state, statistic), under their keys."""
+    return {keys.gate_key(module, layer, gate, stat): v.detach() for (gate, stat), v in st.items()}
