@@ -44,7 +44,7 @@ from torch import nn
 
 import lstmwatch
 from lstmwatch import probes as lw_probes
-from lstmwatch import recurrence as lw_fast
+from lstmwatch import recurrence as lw_recurrence
 from lstmwatch import stats as lw_stats
 
 lw_watch = importlib.import_module("lstmwatch.watch")  # the module; lstmwatch.watch is the function
@@ -139,8 +139,7 @@ class Variant:
 
     def skip_to(self, step: int) -> None:
         """Move the watcher's schedule to `step`, as if the steps before had run."""
-        self.watcher.clock.step = step
-        self.watcher.clock.logging = bool(self.watcher._schedule(step))
+        self.watcher.clock.seek(step)
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -152,8 +151,7 @@ def lstmwatch_attach(from_step: int = 1, **kw):
 
     def attach(model):
         w = lstmwatch.watch(model, console=False, **kw)
-        w.clock.step = from_step
-        w.clock.logging = bool(w._schedule(from_step))
+        w.clock.seek(from_step)
         return w
 
     return attach
@@ -355,10 +353,9 @@ class HookProfile:
 
     # Probe methods are wrapped in every lstmwatch.probes class that defines them.
     PROBE_METHODS = ["_hook", "_on_forward", "_capture", "_on_out_grad", "_on_h_grad", "_on_grad", "_mark",
-                     "end_step", "collect", "_update_ratio", "_internals", "_fast_internals", "_general_internals",
-                     "_forward", "_through_time", "_trace_stats"]
+                     "end_step", "collect", "_update_ratio", "_internals", "_recompute", "_grad_stats"]
     OTHERS = [("Watcher", "step"), ("Watcher", "_add_loss"), ("Watcher", "_log"), ("Watcher", "_call"),
-              ("fast", "forward"), ("fast", "backward"), ("fast", "layer_stats"),
+              ("recurrence", "forward"), ("recurrence", "backward"), ("stats", "gate_stats"),
               ("stats", "data_stats"), ("stats", "to_host")]
 
     def __init__(self):
@@ -368,9 +365,13 @@ class HookProfile:
         self.clock = None  # the watcher's clock, set after watch()
 
     def install(self) -> HookProfile:
-        classes = [c for c in vars(lw_probes).values() if isinstance(c, type) and c.__module__ == lw_probes.__name__]
+        # Every probe class of the package, wherever in lstmwatch.probes it is defined.
+        classes = [c for c in vars(lw_probes).values() if isinstance(c, type) and c.__module__.startswith(
+            lw_probes.__name__)]
+        classes = list(dict.fromkeys(b for c in classes for b in c.__mro__ if b.__module__.startswith(
+            lw_probes.__name__)))
         targets = [(c, a) for a in self.PROBE_METHODS for c in classes if a in c.__dict__]
-        owners = {"Watcher": lw_watch.Watcher, "fast": lw_fast, "stats": lw_stats}
+        owners = {"Watcher": lw_watch.Watcher, "recurrence": lw_recurrence, "stats": lw_stats}
         targets += [(owners[o], a) for o, a in self.OTHERS]
         for owner, attr in targets:
             orig = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)

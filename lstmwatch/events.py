@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,3 +138,57 @@ class LSTMWatchFailure(LSTMWatchWarning):
     """lstmwatch itself could not do something (a sink or detector failed); training goes on."""
 
     kind = "failure"
+
+
+class EventLog:
+    """A run's events, bounded: the first event of each kind and module is always kept (the diagnosis ranks
+    root causes by them), then the latest `maxlen`. Iterates in the order the events were raised."""
+
+    def __init__(self, maxlen: int = 1_000):
+        self.maxlen = maxlen
+        self._first: dict[tuple[str, str], tuple[int, Event]] = {}  # (kind, module) -> (arrival, event)
+        self._tail: deque[tuple[int, Event]] = deque(maxlen=maxlen)
+        self._n = 0  # events ever added: their arrival numbers
+
+    def append(self, event: Event) -> None:
+        """Keep an event."""
+        self._first.setdefault((event.kind, event.module), (self._n, event))
+        self._tail.append((self._n, event))
+        self._n += 1
+
+    def extend(self, events: Iterable[Event]) -> None:
+        """Keep events, in order."""
+        for e in events:
+            self.append(e)
+
+    def clear(self) -> None:
+        """Forget every event."""
+        self._first.clear()
+        self._tail.clear()
+        self._n = 0
+
+    @property
+    def total(self) -> int:
+        """How many events were ever added, kept or not."""
+        return self._n
+
+    def _kept(self) -> list[Event]:
+        seen = dict(self._tail)
+        seen.update(self._first.values())
+        return [seen[k] for k in sorted(seen)]
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self._kept())
+
+    def __len__(self) -> int:
+        tail = {n for n, _ in self._tail}
+        return len(tail) + sum(n not in tail for n, _ in self._first.values())
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def __getitem__(self, i: int) -> Event:
+        return self._kept()[i]
+
+    def __repr__(self) -> str:
+        return f"EventLog({len(self)} kept of {self._n})"

@@ -16,6 +16,7 @@ a compatibility path.
 
 from __future__ import annotations
 
+import functools
 import re
 from enum import Enum
 from typing import NamedTuple
@@ -169,8 +170,13 @@ class Key(NamedTuple):
     stat: str  # the statistic: 'sat_right', 'grad_norm', a non-finite site ('grad/weight_hh_l0')
 
 
-def parse(key: str, modules: tuple[str, ...] | list[str] | None = None) -> Key:
+def parse(key: str, modules: tuple[str, ...] | None = None) -> Key:
     """Split a key into its parts; `modules` resolves module names that contain '/' (none do in PyTorch)."""
+    return _parse(key, modules)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same few hundred keys come back in every record
+def _parse(key: str, modules: tuple[str, ...] | None) -> Key:
     if "/" not in key:
         return Key("run", "", "", "", key)
     module, rest = key.split("/", 1)

@@ -19,13 +19,10 @@ class Record:
     curves: dict[str, list[float]] = field(default_factory=dict)  # 'module/gtt' -> per-timestep norms
     val_loss: float | None = None
     modules: tuple[str, ...] = ()
-    _parsed: dict[str, Key] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _keys(self) -> dict[str, Key]:
-        # Parsed once per record; stats are not changed after the record is made.
-        if self._parsed is None or len(self._parsed) != len(self.stats):
-            self._parsed = {k: keys.parse(k, self.modules) for k in self.stats}
-        return self._parsed
+        # Not kept on the record (thousands of records stay in memory); keys.parse caches each key once.
+        return {k: keys.parse(k, self.modules) for k in self.stats}
 
     def get(self, key: str) -> float | None:
         """One statistic by its full key, or None."""

@@ -20,7 +20,6 @@ its own length (padding stays at the end), so valid steps come first in every di
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, Protocol, TypeVar
@@ -117,13 +116,28 @@ def _flat(p: Weights) -> list[Tensor]:
     return flat + ([p["w_hr"]] if p["w_hr"] is not None else [])
 
 
-def _run_kernel(op: Callable[..., tuple[Tensor, ...]], p: Weights, x: Tensor,
+def _run_kernel(op: Callable[..., tuple[Tensor, ...]], mode: str, p: Weights, x: Tensor,
                 hx: Tensor | tuple[Tensor, Tensor]) -> Tensor:
-    """One layer-direction through the op the module's forward calls (no dropout, eval, batch first)."""
-    with warnings.catch_warnings():
-        # cuDNN warns that weights outside one flat buffer get compacted: these are the step's snapshot.
-        warnings.simplefilter("ignore", UserWarning)
-        return op(x, hx, _flat(p), p["b_ih"] is not None, 1, 0.0, False, False, True)[0]
+    """One layer-direction through the op the module's forward calls (no dropout, eval, batch first).
+
+    mode: 'LSTM' or 'GRU', as cuDNN names it. On cuDNN, weights that are a step's snapshot (detached copies) are
+    first laid out in one buffer, as flatten_parameters() does for a module's: cuDNN warns on every call with
+    weights outside one. Python's warnings state is left alone.
+    """
+    flat = _flat(p)
+    if x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.is_acceptable(x) \
+            and torch._use_cudnn_rnn_flatten_weight() and not any(w.requires_grad for w in flat):
+        from torch.backends.cudnn import rnn as cudnn_rnn
+
+        hidden = p["w_hh"].shape[0] // (4 if mode == "LSTM" else 3)
+        proj = p["w_hr"].shape[0] if p["w_hr"] is not None else 0
+        try:
+            with torch.no_grad():  # in place: the snapshot's tensors become views of one buffer, values unchanged
+                torch._cudnn_rnn_flatten_weight(flat, len(flat), x.shape[-1], cudnn_rnn.get_cudnn_mode(mode),
+                                                hidden, proj, 1, True, False)
+        except RuntimeError:
+            pass  # the weights stay as they are: the kernel compacts them itself (and cuDNN warns), values the same
+    return op(x, hx, flat, p["b_ih"] is not None, 1, 0.0, False, False, True)[0]
 
 
 def forward(cell: Cell[L], params: list[Weights], module: nn.RNNBase, x: Tensor, steps: Steps,
@@ -206,7 +220,7 @@ def _at_last(e: Tensor, steps: Steps, g: Tensor) -> Tensor:
 
 
 def _lstm_kernel(p: Weights, x: Tensor, st0: State) -> Tensor:
-    return _run_kernel(torch._VF.lstm, p, x, (st0[0][None], st0[1][None]))
+    return _run_kernel(torch._VF.lstm, "LSTM", p, x, (st0[0][None], st0[1][None]))
 
 
 def _lstm_gates(p: Weights, x: Tensor, h_prev: Tensor) -> Tensor:
@@ -297,7 +311,7 @@ def _lstm_stats(layer: Layer, mask: Tensor | None = None) -> GateStats:
 
 
 def _gru_kernel(p: Weights, x: Tensor, st0: State) -> Tensor:
-    return _run_kernel(torch._VF.gru, p, x, st0[0][None])
+    return _run_kernel(torch._VF.gru, "GRU", p, x, st0[0][None])
 
 
 def _gru_gates(p: Weights, x: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,12 @@ INF = math.inf
 
 
 def data_stats(x: Tensor, mask: Tensor, packed: bool) -> dict[str, Tensor]:
-    """Input statistics of (B, T, F) over the valid steps: scale, per-feature spread, trailing zeros."""
+    """Input statistics of (B, T, F) over the valid steps: scale, per-feature spread, trailing zeros.
+
+    Nothing for an empty sample (no row, step or feature): nothing to measure.
+    """
+    if x.numel() == 0:
+        return {}
     x = x.detach().float()
     fm = mask[..., None].float()
     n = fm.sum().clamp_min(1)

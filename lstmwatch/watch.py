@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import numbers
+import sys
 import warnings
 import weakref
 from collections import deque
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 from . import keys, stats
 from .detectors import Detectors, default_detectors
-from .events import Event, LSTMWatchFailure, LSTMWatchWarning
+from .events import Event, EventLog, LSTMWatchFailure, LSTMWatchWarning
 from .frames import user_frame, user_stacklevel
 from .interfaces import Detector, Header, ModuleInfo, Sink, Summary
 from .probes import Probe, probe_for
@@ -53,21 +55,32 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def find_scaler(depth: int = 3) -> Any | None:
-    """An enabled GradScaler among the variables of the caller's frames (the training loop), if any."""
+    """An enabled GradScaler among the variables of the caller's frames (the training loop), if any.
+
+    Only the variables' types are read (`type(v)` runs no user code, unlike `isinstance`, which asks a
+    proxy's `__class__`); before Python 3.13 a function frame's f_locals is a snapshot that the frame keeps
+    alive until it returns, so it is emptied again after reading: the step-1 batch is not kept.
+    """
     amp = getattr(torch, "amp", None)
     cls = getattr(amp, "GradScaler", None)
     if cls is None:
         return None
     frame = user_frame()[0]
+    found = None
     for _ in range(depth):
-        if frame is None:
+        if frame is None or found is not None:
             break
-        for scope in (frame.f_locals, frame.f_globals):
-            for v in list(scope.values()):
-                if isinstance(v, cls) and v.is_enabled():
-                    return v
+        snapshot = frame.f_locals
+        try:
+            for scope in (snapshot, frame.f_globals):
+                found = next((v for v in list(scope.values()) if issubclass(type(v), cls) and v.is_enabled()), None)
+                if found is not None:
+                    break
+        finally:
+            if sys.version_info < (3, 13) and snapshot is not frame.f_globals:
+                snapshot.clear()  # the frame's copy, refilled on the next locals() call; its variables stay
         frame = frame.f_back
-    return None
+    return found
 
 
 def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[str, nn.Module]]:
@@ -95,6 +108,43 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
     return chosen
 
 
+def _check_args(*, sample: Any, scaler: Any, modules: Any, max_records: Any, max_events: Any) -> None:
+    """Refuse what cannot work at watch() time, naming the argument and what to pass instead."""
+    for name, v in (("sample", sample), ("max_records", max_records), ("max_events", max_events)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int >= 1, got {v!r} ({type(v).__name__})")
+        if v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v}")
+    if scaler is not None and not (callable(getattr(scaler, "is_enabled", None))
+                                   and callable(getattr(scaler, "get_scale", None))):
+        raise TypeError(f"scaler must be your torch.amp.GradScaler (or None: lstmwatch looks for it), got "
+                        f"{type(scaler).__name__}")
+    ok = (modules is None or callable(modules) or isinstance(modules, str)
+          or (isinstance(modules, (list, tuple, set, frozenset)) and all(isinstance(m, str) for m in modules)))
+    if not ok:
+        raise TypeError("modules must be a name or glob pattern, a list of them, or a (name, module) -> bool "
+                        f"callable, got {modules!r}")
+
+
+def _scalar(x: Any, name: str, refused: list[TypeError]) -> Tensor | None:
+    """A loss as a 0-d tensor of at least float32 precision (float64 stays float64), or None; a value that is
+    not a scalar is noted in `refused` and read as None."""
+    if x is None:
+        return None
+    if isinstance(x, Tensor):
+        if x.numel() == 1:
+            t = x.detach().reshape(())
+            return t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t.double()
+        refused.append(TypeError(f"{name} must be a scalar (a 0-d tensor or a number), got a tensor of shape "
+                                 f"{tuple(x.shape)}: pass the reduced value, e.g. `{name}.mean()`"))
+        return None
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return torch.tensor(float(x), dtype=torch.float64)
+    refused.append(TypeError(f"{name} must be a scalar (a 0-d tensor or a number), got {type(x).__name__} "
+                             f"{str(x)[:40]!r}"))
+    return None
+
+
 def _probe(name: str, module: nn.Module, clock: Clock) -> Probe:
     cls = probe_for(module)
     assert cls is not None, "find_modules returns only modules with a probe"
@@ -116,12 +166,11 @@ class Watcher:
         detectors: Iterable[Detector] | None = None,
         sinks: Iterable[Sink] = (),
         scaler: Any | None = None,
-        max_records: int = 10_000,
+        max_records: int = 1_000,
         max_events: int = 1_000,
         seed: int = 0,
     ):
-        if sample < 1:
-            raise ValueError(f"sample must be >= 1, got {sample}")
+        _check_args(sample=sample, scaler=scaler, modules=modules, max_records=max_records, max_events=max_events)
         found = find_modules(model, modules)
         self.log_every, self.sample = log_every, sample
         self.clock = Clock.start(log_every, sample, torch.Generator().manual_seed(seed), scaler)
@@ -138,13 +187,14 @@ class Watcher:
         self.detectors = detectors if isinstance(detectors, Detectors) else Detectors(detectors or ())
         self.sinks = list(sinks)
         self.records: deque[Record] = deque(maxlen=max_records)
-        self.events: deque[Event] = deque(maxlen=max_events)
+        self.events = EventLog(max_events)  # the first of each kind and module, then the latest
         self.closed = False
         self._loss_sum: Tensor | None = None
         self._loss_n = 0
         self._loss_last: Tensor | None = None
         self._loss_bad: Tensor | None = None
         self._failed: set[int] = set()  # ids of detectors and sinks switched off after a failure
+        self._reported: set[tuple[int, str]] = set()  # (id, what) of failures already reported once
         # What the run is, built once: sinks get it, never the watcher.
         self.header = Header.of([ModuleInfo(p.name, p.kind, p.describe()) for p in self.probes], log_every, sample)
         for s in self.sinks:
@@ -172,26 +222,42 @@ class Watcher:
         return self.clock.step - 1
 
     def step(self, loss: Tensor | float | None = None, *, val_loss: Tensor | float | None = None) -> Record | None:
-        """Mark the end of one optimizer step; on a logging step, measure and report. Returns the record."""
+        """Mark the end of one optimizer step; on a logging step, measure and report. Returns the record.
+
+        A loss or val_loss that is not a scalar is refused with a TypeError, after the step is counted and
+        recorded without it; nothing lstmwatch fails at itself is raised here.
+        """
         if self.closed:
             raise RuntimeError("this Watcher is closed; call lstmwatch.watch(model) again to watch a new run")
+        refused: list[TypeError] = []
+        loss_t = _scalar(loss, "loss", refused)
+        val_t = _scalar(val_loss, "val_loss", refused)
         s = self.clock.step
-        if self.clock.scaler is None and s == 1:
-            # Mixed precision: hooks see gradients times the GradScaler's scale. Find the scaler the
-            # training loop uses, once, so gradients are judged unscaled and its Infs are not faults.
-            scaler = find_scaler()
-            if scaler is not None:
-                self.clock.scaler = scaler
-                for p in self.probes:
-                    p.adopt_scaler(scaler)
-        if loss is not None:
-            self._add_loss(loss, s)
         record = None
-        if self.clock.logging or val_loss is not None:
-            record = self._log(s, val_loss)
-        for p in self.probes:
-            p.end_step()
-        self.clock.advance()
+        try:
+            if self.clock.scaler is None and s == 1:
+                # Mixed precision: hooks see gradients times the GradScaler's scale. Find the scaler the
+                # training loop uses, once, so gradients are judged unscaled and its Infs are not faults.
+                scaler = find_scaler()
+                if scaler is not None:
+                    self.clock.scaler = scaler
+                    for p in self.probes:
+                        p.adopt_scaler(scaler)
+            if loss_t is not None:
+                self._add_loss(loss_t, s)
+            if self.clock.logging or val_t is not None:
+                record = self._log(s, val_t)
+        except LSTMWatchWarning:
+            raise  # the user turned lstmwatch's warnings into errors: that is theirs to see
+        except Exception as exc:  # noqa: BLE001 - a monitoring failure must never stop training
+            self._report(self, f"step {s}", exc, "this step's statistics are skipped")
+        finally:
+            for p in self.probes:
+                self._guard(p, f"{p.name}: forgetting step {s}", p.end_step, switch_off=False)
+            self._hook_failures()
+            self.clock.advance()
+        if refused:
+            raise refused[0]
         return record
 
     def close(self) -> None:
@@ -199,11 +265,17 @@ class Watcher:
         if self.closed:
             return
         self.closed = True
+        if self.step_count == 0 and any(self._guard(p, f"{p.name}.has_gradients", p.has_gradients, switch_off=False)
+                                        for p in self.probes):
+            warnings.warn("lstmwatch: gradients reached the watched modules but watcher.step() was never called, "
+                          "so nothing was measured: call `watcher.step(loss)` once per optimizer step, after "
+                          "`optimizer.step()`", LSTMWatchFailure, stacklevel=user_stacklevel())
+        self._hook_failures()
         for p in self.probes:
-            p.remove()
+            self._guard(p, f"{p.name}.remove", p.remove, switch_off=False)
             if _open_watcher(p.module) is self:
                 del _OPEN[p.module]
-        summary = Summary(self.step_count, len(self.records), len(self.events))
+        summary = Summary(self.step_count, len(self.records), self.events.total)
         for s in self.sinks:
             self._call(s, "close", summary)
 
@@ -276,21 +348,19 @@ class Watcher:
             pass
 
     # --- internals
-    def _add_loss(self, loss: Tensor | float, s: int) -> None:
-        t = loss.detach().float().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
+    def _add_loss(self, t: Tensor, s: int) -> None:
         self._loss_sum = t if self._loss_sum is None else self._loss_sum + t
         self._loss_n += 1
         self._loss_last = t
         bad = self._loss_bad if self._loss_bad is not None else torch.full((), math.inf, device=t.device)
         self._loss_bad = stats.first_nonfinite(bad, torch.isfinite(t), s)
 
-    def _log(self, s: int, val_loss: Tensor | float | None) -> Record:
+    def _log(self, s: int, val_loss: Tensor | None) -> Record:
         items: dict[str, Tensor] = {}
         host: dict[str, float] = {}
         for p in self.probes:
-            got = self._call(p, "collect", s)
-            if got is None:  # it failed: _call said so once; its hooks go too
-                p.remove()
+            got = self._guard(p, f"{p.name}: statistics of step {s}", p.collect, s, switch_off=False)
+            if got is None:  # it failed: said once; this step goes without its statistics, the next may not
                 continue
             items.update(got[0])
             host.update(got[1])
@@ -302,14 +372,15 @@ class Watcher:
             items[keys.LOSS] = self._loss_last
             items[keys.LOSS_MEAN] = self._loss_sum / self._loss_n
             items[keys.NONFINITE_LOSS] = self._loss_bad
-        if isinstance(val_loss, Tensor):
-            items[keys.VAL_LOSS] = val_loss.detach().float().reshape(())
+        if val_loss is not None:
+            items[keys.VAL_LOSS] = val_loss
         values, curves = stats.to_host(items)
         values.update(host)
-        if val_loss is not None and not isinstance(val_loss, Tensor):
-            values[keys.VAL_LOSS] = float(val_loss)
-        # Sites that never went non-finite hold +inf: leave them out.
-        values = {k: v for k, v in values.items() if not (v == math.inf and keys.combine_of(k) is keys.Combine.FIRST)}
+        # Sites that never went non-finite hold +inf: leave them out. The keys of every record are the same
+        # strings: interned, thousands of records share them.
+        values = {sys.intern(k): v for k, v in values.items()
+                  if not (v == math.inf and keys.combine_of(k) is keys.Combine.FIRST)}
+        curves = {sys.intern(k): c for k, c in curves.items()}
         self._loss_sum, self._loss_n = None, 0
         record = Record(step=s, loss=values.get(keys.LOSS), stats=values, curves=curves,
                         val_loss=values.get(keys.VAL_LOSS), modules=tuple(self.modules))
@@ -328,8 +399,10 @@ class Watcher:
         fn = getattr(obj, method, None)
         return None if fn is None else self._guard(obj, f"{type(obj).__name__}.{method}", fn, *args)
 
-    def _guard(self, obj: Any, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on behalf of `obj`; an `obj` that fails is reported once and switched off, training goes on."""
+    def _guard(self, obj: Any, what: str, fn: Callable[..., Any], *args: Any, switch_off: bool = True) -> Any:
+        """Run `fn` on behalf of `obj`; training goes on whatever it raises. A failure is reported once; with
+        `switch_off` the object is not called again (a sink, a detector), else only this call is lost (a
+        probe's statistics of one step)."""
         if id(obj) in self._failed:
             return None
         try:
@@ -337,10 +410,25 @@ class Watcher:
         except LSTMWatchWarning:
             raise  # the user turned lstmwatch's warnings into errors: that is theirs to see
         except Exception as exc:  # noqa: BLE001 - a monitoring failure must never stop training
-            self._failed.add(id(obj))
-            warnings.warn(f"lstmwatch: {what} failed and is switched off: "
-                          f"{type(exc).__name__}: {exc}", LSTMWatchFailure, stacklevel=user_stacklevel())
+            if switch_off:
+                self._failed.add(id(obj))
+            self._report(obj, what, exc, "it is switched off" if switch_off else "this step goes without it")
             return None
+
+    def _hook_failures(self) -> None:
+        """Say what the probes' hooks failed at since the last step (they never raise into training)."""
+        for p in self.probes:
+            for what, exc in p.take_failures():
+                self._report(p, what, exc, "its statistics of this step are skipped")
+
+    def _report(self, obj: Any, what: str, exc: Exception, consequence: str) -> None:
+        """Say once per object and kind of failure what lstmwatch could not do; training goes on."""
+        key = (id(obj), type(exc).__name__)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        warnings.warn(f"lstmwatch: {what} failed, {consequence}: {type(exc).__name__}: {str(exc)[:300]}",
+                      LSTMWatchFailure, stacklevel=user_stacklevel())
 
 
 def watch(
@@ -352,6 +440,8 @@ def watch(
     console: bool = True,
     detectors: Iterable[Detector] | dict[str, Any] | None = None,
     scaler: Any | None = None,
+    max_records: int = 1_000,
+    max_events: int = 1_000,
     **sink_options: Any,
 ) -> Watcher:
     """Attach lstmwatch to every nn.LSTM (and nn.GRU, nn.LSTMCell, nn.GRUCell) inside `model`; returns the Watcher."""
@@ -365,4 +455,4 @@ def watch(
     else:
         dets = Detectors(detectors)
     return Watcher(model, log_every=log_every, sample=sample, modules=modules, detectors=dets, sinks=sinks,
-                   scaler=scaler)
+                   scaler=scaler, max_records=max_records, max_events=max_events)

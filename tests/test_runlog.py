@@ -44,6 +44,8 @@ class Net(nn.Module):
 class EveryFourth:
     """A stand-in detector: a warning at steps 4 and 8, an info at 6."""
 
+    kind = "every_fourth"  # a detector has a kind (watch() refuses one without)
+
     def update(self, record: Record) -> list[Event]:
         if record.step in (4, 8):
             return [Event(record.step, "stalled_loss", "warning", "body.enc", f"loss flat at {record.loss:.3g}",

@@ -125,6 +125,8 @@ def run(tmp_path, monkeypatch):
 class Flagger:
     """A stand-in detector: a warning at step 4, an error at 8."""
 
+    kind = "flagger"
+
     def update(self, record: Record) -> list[Event]:
         if record.step == 4:
             return [Event(4, "stalled_loss", "warning", "lstm", "loss flat", "raise the learning rate")]

@@ -31,41 +31,59 @@ def pct(v: float) -> str:
 
 
 class Latch:
-    """Raise a persistent fault once per key; again only when it clearly worsens or after it had cleared."""
+    """Raise a persistent fault once per key; again only when it clearly worsens or after it had cleared, and
+    never more than `max_raises` times in a run.
 
-    def __init__(self, worsen: float = 10.0, clear_after: int = 2):
-        self.worsen, self.clear_after = worsen, clear_after
-        self.fired: dict[str, float] = {}  # key -> badness when last raised
+    worsen: how much larger `badness` must be than when the fault was last raised to raise it again.
+    clear_after, clear_steps: a fault counts as cleared only after its condition has been absent for
+    `clear_after` checks spanning at least `clear_steps` steps: records every step must not turn a fault
+    that flickers (saturated gates make a gradient tiny now, zero the next step) into one warning a step.
+    max_raises: the most times one key is raised in a run, first time included: a fault that comes and
+    goes is raised a few times, not once per period.
+    """
+
+    def __init__(self, worsen: float = 10.0, clear_after: int = 2, clear_steps: int = 100, max_raises: int = 3):
+        self.worsen, self.clear_after, self.clear_steps, self.max_raises = worsen, clear_after, clear_steps, max_raises
+        self.fired: dict[str, float] = {}  # key -> badness when last raised, while the fault has not cleared
         self.quiet: dict[str, int] = {}  # key -> consecutive checks without the fault
+        self.seen: dict[str, int] = {}  # key -> the last step its condition held
+        self.raised: dict[str, int] = {}  # key -> times raised this run
 
-    def check(self, key: str, active: bool, badness: float = 1.0, present: bool | None = None) -> bool:
+    def check(self, key: str, active: bool, badness: float = 1.0, present: bool | None = None,
+              step: int | None = None) -> bool:
         """Whether to raise now; `badness` grows as the fault worsens.
 
         active: the fault is established (its patience is met); present: its raw condition holds this
-        record (defaults to active). A fault counts as cleared only after `clear_after` records without
-        its condition, so a streak that rebuilds after one healthy record does not raise it again.
+        record (defaults to active); step: the record's step (without it, only checks count towards clearing).
         """
         present = active if present is None else present
+        if present and step is not None:
+            self.seen[key] = step
         if not active:
             if key in self.fired:
                 self.quiet[key] = 0 if present else self.quiet.get(key, 0) + 1
-                if self.quiet[key] >= self.clear_after:
-                    del self.fired[key]
+                last = self.seen.get(key)
+                spanned = step is None or last is None or step - last >= self.clear_steps
+                if self.quiet[key] >= self.clear_after and spanned:
+                    del self.fired[key], self.quiet[key]
             return False
         self.quiet[key] = 0
-        last = self.fired.get(key)
-        if last is None or badness >= last * self.worsen:
-            self.fired[key] = badness
-            return True
-        return False
+        last_bad = self.fired.get(key)
+        if self.raised.get(key, 0) >= self.max_raises or (last_bad is not None and badness < last_bad * self.worsen):
+            return False
+        self.fired[key] = badness
+        self.raised[key] = self.raised.get(key, 0) + 1
+        return True
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values: what was raised and how long each fault has been quiet."""
-        return {"fired": dict(self.fired), "quiet": dict(self.quiet)}
+        """Plain JSON-able values: what was raised, how often, and since when each fault has been quiet."""
+        return {"fired": dict(self.fired), "quiet": dict(self.quiet), "seen": dict(self.seen),
+                "raised": dict(self.raised)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Resume from `state_dict()`'s values."""
+        """Resume from `state_dict()`'s values (a state saved before `seen` and `raised` existed loads too)."""
         self.fired, self.quiet = dict(d["fired"]), dict(d["quiet"])
+        self.seen, self.raised = dict(d.get("seen", {})), dict(d.get("raised", {}))
 
 
 class Streak:
@@ -164,7 +182,7 @@ class Detector:
     def persists(self, key: str, present: bool, step: int, patience: int, badness: float = 1.0) -> int:
         """Feed a fault's raw condition; returns how long it has held when it is to be raised now, else 0."""
         n = self.streak.update(key, present, step)
-        return n if self.latch.check(key, n >= patience, badness, present) else 0
+        return n if self.latch.check(key, n >= patience, badness, present, step) else 0
 
     def _state_names(self) -> tuple[str, ...]:
         return ("latch", "streak", *(("trend",) if self.needs_trend else ()), *self._state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from statistics import median
 
@@ -23,15 +24,19 @@ class ExplodingGradient(Detector):
     max_update_ratio: an optimizer step this large relative to the weights is an explosion on its own.
     through_time: dL/dh at the first step of the top layer over all the gradient the loss put in along the
     sequence (for a loss on the last step: over dL/dh at the last); healthy LSTMs stay at about 1 or below.
+    harmless_update: a jump that comes with a rising loss is an explosion only when its step moved the weights
+    by at least this much of their norm (a healthy step is about 1e-3): a gradient of 1e-3 after a level of 5e-5,
+    as saturated gates make them, moves nothing, whatever the jump relative to the tiny level.
+    A fault raised again when clearly worse is judged by how far the step moved the weights (its update ratio).
     """
 
     kind = "exploding_gradient"
     _state = ("history", "prev_loss", "best_loss")
 
     def __init__(self, threshold: float = 10.0, window: int = 10, min_update_ratio: float = 0.1,
-                 max_update_ratio: float = 1.0, through_time: float = 100.0):
+                 max_update_ratio: float = 1.0, through_time: float = 100.0, harmless_update: float = 1e-3):
         super().__init__()
-        self.threshold, self.min_update_ratio = threshold, min_update_ratio
+        self.threshold, self.min_update_ratio, self.harmless_update = threshold, min_update_ratio, harmless_update
         self.max_update_ratio, self.through_time = max_update_ratio, through_time
         self.history: deque[float] = deque(maxlen=window)  # the global gradient norm of the latest records
         self.prev_loss: float | None = None
@@ -46,13 +51,14 @@ class ExplodingGradient(Detector):
             # The loss jumped too, well above where it was: noise between records does not count.
             rose = (finite(loss) and self.prev_loss is not None and self.best_loss is not None
                     and loss > 1.5 * self.prev_loss and loss > 2 * self.best_loss)
-            if level > 0 and g > self.threshold * level and (rose or (ratio or 0) > self.min_update_ratio):
+            moved = ratio is None or ratio >= self.harmless_update  # unmeasured: the loss alone decides
+            if level > 0 and g > self.threshold * level and ((rose and moved) or (ratio or 0) > self.min_update_ratio):
                 biggest = (max(record.modules, key=lambda m: record.module_stat(m, "grad_norm") or 0)
                            if record.modules else "")
                 values = {"grad_norm": g, "level": level, "threshold": self.threshold, "loss_rose": float(rose)}
                 if ratio is not None:
                     values["update_ratio"] = ratio
-                found.append((Fact(biggest, variant="jump", values=values), g / level))
+                found.append((Fact(biggest, variant="jump", values=values), g / level if ratio is None else ratio))
         if ratio is not None and ratio > self.max_update_ratio:
             m = max(record.modules, key=lambda m: record.max_update_ratio(m) or 0)
             # The layer-direction that moved most.
@@ -75,10 +81,10 @@ class ExplodingGradient(Detector):
             if fact.module in seen:
                 continue
             seen.add(fact.module)
-            if self.latch.check(fact.module, True, bad):
+            if self.latch.check(fact.module, True, bad, step=record.step):
                 out.append(fact)
         for m in set(record.modules) - seen:
-            self.latch.check(m, False)
+            self.latch.check(m, False, step=record.step)
         return out
 
     def _describe(self, fact: Fact) -> tuple[str, str]:
@@ -149,7 +155,7 @@ class VanishingGradient(Detector):
             fact = Fact(m, variant="time", values={"ratio": r, "threshold": self.through_time,
                                                    "improvement": trend.improvement() or 0.0, "steps": trend.step})
             bad = 1 / max(r, 1e-30)
-        return fact if self.latch.check(m, fact is not None, bad, present) else None
+        return fact if self.latch.check(m, fact is not None, bad, present, record.step) else None
 
     def _describe(self, fact: Fact) -> tuple[str, str]:
         v = fact.values
@@ -167,17 +173,27 @@ class VanishingGradient(Detector):
 
 
 class NoGradient(Detector):
-    """An LSTM gets no gradient at all, or an exactly zero one, for `patience` consecutive records."""
+    """An LSTM gets no gradient at all, or an exactly zero one, for `patience` consecutive records.
+
+    An exactly zero gradient counts only while the LSTM has had no other in this run: one that had a gradient
+    has a path from the loss, and a zero now is a gradient that underflowed (saturated gates make it 0 on some
+    batches and 1e-9 on others), gate_saturation's and vanishing_gradient's finding, not a missing path.
+    """
 
     kind = "no_gradient"
+    _state = ("reached",)
 
     def __init__(self, patience: int = 2):
         super().__init__()
         self.patience = patience
+        self.reached: dict[str, int] = {}  # module -> the first step a nonzero gradient reached it
 
     def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
         g, seen = record.module_stat(module, "grad_norm"), record.module_stat(module, "grads_seen")
-        n = self.persists(module, seen == 0 or g == 0, record.step, self.patience)
+        if g is not None and g > 0:  # NaN (a step the GradScaler skipped) says nothing
+            self.reached.setdefault(module, record.step)
+        zero = g == 0 and module not in self.reached
+        n = self.persists(module, seen == 0 or zero, record.step, self.patience)
         if not n:
             return None
         values = {"records": n, **{k: x for k, x in (("grads_seen", seen), ("grad_norm", g)) if x is not None}}
@@ -198,19 +214,31 @@ class NoGradient(Detector):
 
 
 class NotUpdated(Detector):
-    """An LSTM gets gradients but its weights do not change, for `patience` consecutive records."""
+    """An LSTM gets gradients but its weights do not change, for `patience` consecutive records.
+
+    resolution: an update smaller than this fraction of the weights may round away in float32 (whose
+    resolution is about 1.2e-7 of a value): once the weights have moved in this run, a step with no change
+    whose gradient predicts a step below it (from the update per unit of gradient seen when they last moved)
+    is the learning rate's or the gradient's smallness, for stalled_loss and vanishing_gradient to judge.
+    """
 
     kind = "not_updated"
+    _state = ("step_per_grad",)
 
-    def __init__(self, patience: int = 2):
+    def __init__(self, patience: int = 2, resolution: float = 1e-6):
         super().__init__()
-        self.patience = patience
+        self.patience, self.resolution = patience, resolution
+        self.step_per_grad: dict[str, float] = {}  # module -> update ratio / gradient norm when it last moved
 
     def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
         g, ratio = record.module_stat(module, "grad_norm"), record.max_update_ratio(module)
         if ratio is None or not finite(g):
             return None  # this record did not measure it (or the step was skipped by the GradScaler)
-        if n := self.persists(module, g > 0 and ratio == 0, record.step, self.patience):
+        if ratio > 0 and g > 0 and finite(per := ratio / g):
+            self.step_per_grad[module] = per
+        # The optimizer did apply the step, but lr * grad is below float32's resolution of the weights.
+        rounded = self.step_per_grad.get(module, math.inf) * g < self.resolution
+        if n := self.persists(module, g > 0 and ratio == 0 and not rounded, record.step, self.patience):
             return Fact(module, values={"grad_norm": g, "update_ratio": ratio, "records": n})
         return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from .. import keys
 from ..events import Record
 from .base import Detector, Fact, Streak, finite, fmt
@@ -55,7 +57,7 @@ class StalledLoss(Detector):
         low = typical is not None and typical < self.low_update
         active = n_tiny >= self.tiny_patience or (low and stalled(self.low_patience)) or stalled(self.patience)
         # Cleared only once clearly learning: a loss that hovers at the threshold is raised once.
-        if not self.latch.check("", active, 1.0, present=imp < 2 * self.min_delta):
+        if not self.latch.check("", active, 1.0, imp < 2 * self.min_delta, record.step):
             return []
         latest, level0 = trend.latest, trend.level0()
         assert latest is not None and level0 is not None  # an improvement needs both
@@ -120,7 +122,7 @@ class DivergingLoss(Detector):
         rise = (latest - best) / scale  # smoothed as the best was: one bad small batch is not a divergence
         n = self.streak.update("run", rise > self.threshold, record.step)
         active = n >= self.patience or rise > self.spike
-        if not self.latch.check("", active, max(rise, 1.0), present=rise > self.threshold):
+        if not self.latch.check("", active, max(rise, 1.0), rise > self.threshold, record.step):
             return []
         return [Fact("", values={"loss": latest_raw, "rise": rise, "scale": scale, "best": best_raw,
                                  "threshold": self.threshold, "patience": self.patience})]
@@ -144,7 +146,7 @@ class Overfitting(Detector):
 
     kind = "overfitting"
     needs_trend = True
-    _state = ("best", "best_step", "train_at_best", "since")
+    _state = ("best", "best_step", "train_at_best", "since", "evaluations")
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0, threshold: float = 0.1, train_delta: float = 0.1,
                  mode: str = "min"):
@@ -155,7 +157,8 @@ class Overfitting(Detector):
         self.best: float | None = None
         self.best_step = 0
         self.train_at_best: float | None = None
-        self.since: list[float] = []  # validation losses since the best
+        self.since: deque[float] = deque(maxlen=max(patience, 1))  # the latest validation losses since the best
+        self.evaluations = 0  # evaluations since the best
 
     def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
         v = record.val_loss
@@ -166,19 +169,20 @@ class Overfitting(Detector):
         # The training loss as last seen finite: after a NaN it stays where it was.
         train = None if trend.latest_unbroken is None else s * trend.latest_unbroken
         if self.best is None or v < self.best - self.min_delta * abs(self.best):
-            self.best, self.best_step, self.train_at_best, self.since = v, record.step, train, []
-            self.latch.check("", False)
+            self.best, self.best_step, self.train_at_best, self.evaluations = v, record.step, train, 0
+            self.since.clear()
+            self.latch.check("", False, step=record.step)
             return []
         self.since.append(v)
-        recent = self.since[-self.patience:]
+        self.evaluations += 1
         tr, tb = train, self.train_at_best
         falling = tr is not None and tb is not None and tr < tb - self.train_delta * abs(tb)
-        active = (len(self.since) >= self.patience and min(recent) > self.best + self.threshold * abs(self.best)
+        active = (self.evaluations >= self.patience and min(self.since) > self.best + self.threshold * abs(self.best)
                   and falling)
-        if not self.latch.check("", active, 1.0):
+        if not self.latch.check("", active, step=record.step):
             return []
         assert tr is not None and tb is not None  # falling
-        return [Fact("", values={"evaluations": len(self.since), "val_loss": v * s, "best": self.best * s,
+        return [Fact("", values={"evaluations": self.evaluations, "val_loss": v * s, "best": self.best * s,
                                  "best_step": self.best_step, "train_at_best": tb * s, "train": tr * s,
                                  "threshold": self.threshold, "train_delta": self.train_delta})]
 

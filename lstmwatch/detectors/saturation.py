@@ -66,7 +66,7 @@ class _Saturation(Detector):
             early = self.streak.since.get(key) == self.first_step
             if n >= self.patience and (early or stalled) and (worst is None or frac > worst.values["frac"]):
                 worst = Fact(module, where, "early" if early else "stalled", {**values, "threshold": self.threshold})
-        return worst if self.latch.check(module, worst is not None, 1.0, present) else None
+        return worst if self.latch.check(module, worst is not None, 1.0, present, record.step) else None
 
     @staticmethod
     def _when(fact: Fact) -> str:

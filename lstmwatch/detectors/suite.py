@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Sequence
+from difflib import get_close_matches
+from numbers import Real
 from typing import Any, overload
 
 from ..events import Event
@@ -32,7 +35,10 @@ class Detectors(Sequence[DetectorProtocol]):
     """
 
     def __init__(self, detectors: Iterable[DetectorProtocol] = ()):
-        self.detectors: list[DetectorProtocol] = list(detectors)
+        if isinstance(detectors, (str, bytes)) or not isinstance(detectors, Iterable):
+            raise TypeError(f"detectors must be a list of detectors, or a dict tuning the defaults "
+                            f"({{'stalled_loss': {{'patience': 500}}, 'padding': False}}), got {detectors!r}")
+        self.detectors: list[DetectorProtocol] = [_checked(d) for d in detectors]
         self.trend = LossTrend()
 
     @classmethod
@@ -41,12 +47,8 @@ class Detectors(Sequence[DetectorProtocol]):
         unknown = set(tune) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown detector kind(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        out: list[DetectorProtocol] = []
-        for kind, c in DEFAULTS.items():
-            opt = tune.get(kind, True)
-            if opt is not False:
-                out.append(c(**opt) if isinstance(opt, dict) else c())
-        return cls(out)
+        return cls([_made(kind, c, tune.get(kind, True)) for kind, c in DEFAULTS.items()
+                    if tune.get(kind) is not False])
 
     def observe(self, record: Record) -> None:
         """Update the shared loss trend with a record: once per record, before `run`."""
@@ -97,6 +99,40 @@ class Detectors(Sequence[DetectorProtocol]):
 
     def __repr__(self) -> str:
         return f"Detectors([{', '.join(type(d).__name__ for d in self.detectors)}])"
+
+
+def _checked(d: Any) -> DetectorProtocol:
+    """A detector as given, refused at once if it cannot be one: the failure would otherwise come mid-run."""
+    what = f"detectors: {d!r} ({type(d).__name__}) is not a detector"
+    if isinstance(d, type):
+        raise TypeError(f"{what}: pass an instance, `{d.__name__}()`, not the class")
+    if not (isinstance(getattr(d, "kind", None), str) and callable(getattr(d, "update", None))):
+        raise TypeError(f"{what}: a detector needs `kind` (a str) and `update(record)` returning a list of events")
+    return d
+
+
+def _made(kind: str, c: type[Detector], opt: Any) -> Detector:
+    """One default detector, tuned by `opt` (True: as it comes; a dict: its options), each option checked against
+    the class's own arguments, so a misspelt one fails at the call rather than never being used."""
+    params = {n: p.default for n, p in inspect.signature(c).parameters.items()}
+    listed = ", ".join(params) or "none"
+    if opt is True:
+        return c()
+    if not isinstance(opt, dict):
+        options = (f"a dict of {c.__name__}'s options (e.g. {{{kind!r}: {{{next(iter(params))!r}: ...}}}}), "
+                   if params else "")
+        raise TypeError(f"detectors[{kind!r}] must be {options}False to leave it out or True to keep it, got {opt!r}; "
+                        f"its options: {listed}")
+    for name, value in opt.items():
+        if name not in params:
+            near = get_close_matches(str(name), params, n=1)
+            raise TypeError(f"detectors[{kind!r}]: {c.__name__} has no option {name!r}"
+                            + (f" (did you mean {near[0]!r}?)" if near else "") + f"; its options: {listed}")
+        default = params[name]
+        number = isinstance(default, Real) and not isinstance(default, bool)
+        if number and not (isinstance(value, Real) and not isinstance(value, bool)):
+            raise TypeError(f"detectors[{kind!r}][{name!r}] must be a number (default {default!r}), got {value!r}")
+    return c(**opt)
 
 
 def default_detectors(**tune: dict[str, Any] | bool) -> Detectors:

@@ -59,9 +59,10 @@ class LossTrend:
                 acc[0] += v * span
                 acc[1] += span
         self._recent.append((span, v))
-        while len(self._recent) > 1 and sum(n for n, _ in self._recent) - self._recent[0][0] >= self.smooth_steps:
-            self._recent.popleft()  # the newer records cover the window without it
-        self.latest = sum(n * x for n, x in self._recent) / sum(n for n, _ in self._recent)
+        covered = sum(n for n, _ in self._recent)  # whole steps: exact, whatever the length of the run
+        while len(self._recent) > 1 and covered - self._recent[0][0] >= self.smooth_steps:
+            covered -= self._recent.popleft()[0]  # the newer records cover the window without it
+        self.latest = sum(n * x for n, x in self._recent) / covered
         self.prior_low, self.prior_high = self.low, self.high
         self.low = self.latest if self.low is None else min(self.low, self.latest)
         self.high = self.latest if self.high is None else max(self.high, self.latest)

@@ -5,8 +5,10 @@ forward hook keeps a sample of the batch, a snapshot of the weights it ran with 
 outputs; `collect` then recomputes the gates and the gradient through time for that sample and returns
 device tensors.
 
-    base.py     Probe: hooks lifecycle, gradient norms, update ratio, non-finite marks
-    capture.py  what a logging step's forward keeps of nn.LSTM / nn.GRU: sampled rows, output-gradient hooks
+    base.py     Probe: hooks lifecycle, gradient norms, update ratio, non-finite marks; hook failures kept, never raised
+    hooks.py    the forward hook's registration, kept out of copies and pickles of the watched model
+    capture.py  what a logging step's forward keeps of nn.LSTM / nn.GRU, each argument checked against nn.LSTM's
+                signature: sampled rows, output-gradient hooks
     rnn.py      LSTMProbe, GRUProbe: recomputation through the production recurrence (lstmwatch.recurrence)
     cell.py     LSTMCellProbe, GRUCellProbe: cells stepped by hand, the same per-step gates
 """

@@ -1,11 +1,15 @@
 """The probe of one module: its hooks' lifecycle, gradient norms, the update ratio, where NaN/Inf appeared.
 
-Hooks only keep references and launch device work; nothing here reads a value back.
+Hooks only keep references and launch device work; nothing here reads a value back. Nothing a hook raises
+reaches the training loop: a failure is kept in `Probe.failures` for the Watcher to report, and what the probe
+captured in that step is dropped (its NaN/Inf dates stay).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import traceback
 from functools import partial
 from typing import Any
 
@@ -17,16 +21,40 @@ from torch.utils.hooks import RemovableHandle
 from .. import keys, recurrence, stats
 from ..interfaces import ModuleInfo
 from ..schedule import Clock
+from .hooks import ForwardHookHandle
 
 # What describe() reports of a module, when it has it.
 _CONFIG = ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_first", "bias", "dropout", "proj_size")
 
 DATA_SITE, GATES_SITE = "data", "gates"  # non-finite sites of the input and of the recomputed gates (keys.SITES)
+MAX_FAILURES = 8  # hook failures kept until the Watcher takes them; later ones are dropped
 
 
 def grad_site(pname: str) -> str:
     """The non-finite site of a parameter's gradient: 'grad/weight_hh_l0'."""
     return f"grad/{pname}"
+
+
+def recomputing() -> bool:
+    """Whether a forward runs inside a backward pass, as torch.utils.checkpoint's recomputation does."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _failure(what: str, exc: Exception) -> tuple[str, Exception]:
+    """(what failed and where in lstmwatch, the exception without tracebacks): their frames hold the forward's
+    tensors, which must not outlive the step."""
+    pkg = os.sep + "lstmwatch" + os.sep
+    ours = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(exc.__traceback__)
+            if pkg in f.f_code.co_filename]
+    if ours:
+        what = f"{what} ({ours[-1][0].rsplit(pkg, 1)[-1]}:{ours[-1][1]})"
+    e: BaseException | None = exc
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return what, exc
 
 
 def is_scaled(scaler: Any) -> bool:
@@ -52,7 +80,11 @@ class Probe:
         self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
         self._weights: dict[str, Tensor] | None = None  # a logging step's parameters, before the optimizer step
         self._forward_weights: dict[str, Tensor] = {}  # the weights its forward read, by the names forward reads
-        self.handles: list[RemovableHandle] = [module.register_forward_hook(self._hook, with_kwargs=True)]
+        self._dropped = False  # a hook failed in this step: its statistics are dropped
+        # Hook failures not yet reported, (what, exception), at most MAX_FAILURES: the Watcher takes them.
+        self.failures: list[tuple[str, Exception]] = []
+        # The forward hook stays out of copies and pickles of the module (hooks.py).
+        self.handles: list[RemovableHandle | ForwardHookHandle] = [ForwardHookHandle(module, self._hook)]
         for pname, p in self.params.items():
             if p.requires_grad:
                 self.handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, pname)))
@@ -102,16 +134,40 @@ class Probe:
             first = torch.full((), math.inf, device=finite.device)
         self._first_bad[site] = stats.first_nonfinite(first, finite, self.clock.step)
 
+    def _fail(self, what: str, exc: Exception) -> None:
+        """A hook failed: keep the failure for the Watcher, drop what this step captured. Training goes on."""
+        if len(self.failures) < MAX_FAILURES:
+            self.failures.append(_failure(f"{self.name}: {what}", exc))
+        self._dropped = True
+        self._drop()
+
+    def _drop(self) -> None:
+        """Forget what this step captured, after a hook failed (subclasses forget their own)."""
+        self._gsq = {}
+
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """The hook failures since the last call, (what, exception), oldest first."""
+        out, self.failures = self.failures, []
+        return out
+
     def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not torch.is_grad_enabled():  # an evaluation pass, not the training step
-            return
-        if self.clock.logging and self._weights is None:
-            self._weights = {n: p.detach().clone() for n, p in self.params.items()}
-            self._forward_weights = self._weights
-            if parametrize.is_parametrized(module):  # weight_norm and the like: forward reads computed weights
+        try:
+            if not torch.is_grad_enabled():  # an evaluation pass, not the training step
+                return
+            if self.clock.logging and self._weights is None and not self._dropped:
+                self._snapshot(module)
+            self._on_forward(args, kwargs, output)
+        except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
+            self._fail("forward hook", exc)
+
+    def _snapshot(self, module: nn.Module) -> None:
+        """Keep the weights of a logging step's forward: the update ratio's 'before' and what the gates need."""
+        self._weights = {n: p.detach().clone() for n, p in self.params.items()}
+        self._forward_weights = self._weights
+        if parametrize.is_parametrized(module):  # weight_norm and the like: forward reads computed weights
+            with torch.no_grad():  # computed again, outside autograd: nothing saved for a checkpoint to count
                 self._forward_weights = {n: getattr(module, n).detach().clone() for n in self._weight_names()
                                          if getattr(module, n, None) is not None}
-        self._on_forward(args, kwargs, output)
 
     def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         """Keep what a training forward shows (subclasses)."""
@@ -119,28 +175,32 @@ class Probe:
     def _mark_data(self, x: Tensor) -> None:
         """Watch a forward's input for NaN/Inf with one reduction: a NaN or Inf anywhere makes the sum non-finite."""
         if x.is_floating_point():
-            self._mark(DATA_SITE, torch.isfinite(x.sum(dtype=torch.float32)))
+            self._mark(DATA_SITE, torch.isfinite(x.detach().sum(dtype=torch.float32)))
 
     def _on_grad(self, pname: str, p: Tensor) -> None:
-        if p.grad is None:
-            return
-        scaler: Any = self.clock.scaler  # a torch.amp.GradScaler, or None
-        scaled = is_scaled(scaler)
-        if not self.clock.logging:
-            # Outside logging steps only watch for NaN/Inf, with one reduction (the scaler's Infs are its own).
-            if not scaled:
-                self._mark(grad_site(pname), torch.isfinite(p.grad.detach().sum(dtype=torch.float32)))
-            return
-        sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
-        if scaled:
-            # Hooks run before unscale_: divide by the scale this backward used. An Inf here is the
-            # scaler's business (it skips the step and lowers the scale), not a fault.
-            # NaN marks the statistic unknown for this step, so detectors pass over it.
-            scale2 = scaler._scale.to(sq.device).float().pow(2)
-            self._gsq[pname] = torch.where(torch.isfinite(sq), sq / scale2, torch.nan)
-            return
-        self._gsq[pname] = sq
-        self._mark(grad_site(pname), torch.isfinite(sq.sum()))
+        """A parameter's gradient, accumulated: NaN/Inf watch, and on a logging step its block norms."""
+        try:
+            if p.grad is None:
+                return
+            scaler: Any = self.clock.scaler  # a torch.amp.GradScaler, or None
+            scaled = is_scaled(scaler)
+            if not self.clock.logging:
+                # Outside logging steps only watch for NaN/Inf, with one reduction (the scaler's Infs are its own).
+                if not scaled:
+                    self._mark(grad_site(pname), torch.isfinite(p.grad.detach().sum(dtype=torch.float32)))
+                return
+            sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
+            if scaled:
+                # Hooks run before unscale_: divide by the scale this backward used. An Inf here is the
+                # scaler's business (it skips the step and lowers the scale), not a fault.
+                # NaN marks the statistic unknown for this step, so detectors pass over it.
+                scale2 = scaler._scale.to(sq.device).float().pow(2)
+                self._gsq[pname] = torch.where(torch.isfinite(sq), sq / scale2, torch.nan)
+                return
+            self._gsq[pname] = sq
+            self._mark(grad_site(pname), torch.isfinite(sq.sum()))
+        except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
+            self._fail(f"gradient hook of {pname}", exc)
 
     def adopt_scaler(self, scaler: Any) -> None:
         """A GradScaler found after this step's backward: unscale what the hooks kept, forget its Infs."""
@@ -154,6 +214,11 @@ class Probe:
         """Forget what this step captured."""
         self._gsq = {}
         self._weights, self._forward_weights = None, {}
+        self._dropped = False
+
+    def has_gradients(self) -> bool:
+        """Whether a logging step's backward reached this module's parameters since the last step."""
+        return bool(self._gsq)
 
     def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Device statistics of this step, and the few values the host already knows.
@@ -163,9 +228,9 @@ class Probe:
         """
         items: dict[str, Tensor] = {}
         host: dict[str, float] = {}
-        if self.clock.logging:
+        if self.clock.logging and not self._dropped:  # dropped: a hook failed, what it kept is incomplete
             items, host = self._grad_stats()
-        if self._weights is not None:
+        if self._weights is not None and not self._dropped:
             items.update(self._update_ratio(self._weights))
             items.update(self._internals(step))
         for site, first in self._first_bad.items():

@@ -16,13 +16,14 @@ from torch import Tensor, nn
 from .. import keys, recurrence, stats
 from ..gates import weights
 from ..schedule import Clock
-from .base import GATES_SITE, Probe, gate_items, gtt_items
+from .base import GATES_SITE, Probe, gate_items, gtt_items, recomputing
 from .capture import sample_rows
 
 
 class CellProbe(Probe):
     """nn.LSTMCell or nn.GRUCell; subclasses name the kind and the recurrence (`cell`)."""
 
+    module: nn.RNNCellBase
     max_calls = 10_000  # timesteps kept per logging step, to bound memory
 
     def __init__(self, name: str, module: nn.Module, clock: Clock):
@@ -31,40 +32,64 @@ class CellProbe(Probe):
         self._hgrads: list[Tensor | None] = []  # dL/dh_t (S, H) per call
         self._rows: Tensor | None = None  # (S,) the sampled rows, on the device
         self._batch = 0  # batch size of the step's first call, to notice a batch that changes size
+        self._recomputed = False  # whether the step's calls were captured inside a backward (reentrant checkpoint)
 
     def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        x = args[0] if args else kwargs["input"]
-        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        m = self.module
+        x = args[0] if args else kwargs.get("input")
+        if not (isinstance(x, Tensor) and x.dim() in (1, 2) and x.shape[-1] == m.input_size
+                and x.is_floating_point()):
+            return  # not called as nn.LSTMCell.forward(input, hx=None) (a subclass's own arguments)
         self._mark_data(x)
-        if not self.clock.logging or len(self._calls) >= self.max_calls:
+        if not self.clock.logging or self._dropped or len(self._calls) >= self.max_calls:
+            return
+        # A call inside a backward pass is torch.utils.checkpoint recomputing the step's calls: captured only
+        # if the step's own forward captured nothing (a reentrant checkpoint runs it without gradients).
+        recomputed = recomputing()
+        if self._calls and recomputed != self._recomputed:
             return
         unbatched = x.dim() == 1
+        x = x.detach()
         x = x.unsqueeze(0) if unbatched else x
+        if x.shape[0] == 0:  # an empty batch: nothing to measure
+            return
         if self._rows is None:
             self._batch = x.shape[0]
             self._rows = sample_rows(self._batch, self.clock).to(x.device, non_blocking=True)
         if x.shape[0] != self._batch:  # the batch changed size between calls: stop capturing
             return
-        hx = hx if isinstance(hx, tuple) or hx is None else (hx,)
-        h_out = output[0] if isinstance(output, tuple) else output
-        rows, hsize = self._rows, self.module.hidden_size
-        state = [(s.unsqueeze(0) if unbatched else s)[rows].detach() for s in hx] if hx is not None else None
-        zeros = x.new_zeros(len(rows), hsize)
-        self._calls.append((x[rows].detach(), state[0] if state else zeros,
-                            (state[1] if state else zeros) if isinstance(self.module, nn.LSTMCell) else None))
+        lstm = isinstance(m, nn.LSTMCell)
+        shape = (m.hidden_size,) if unbatched else (self._batch, m.hidden_size)
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        given = _shaped(hx, shape, 2 if lstm else 1)  # another shape counts as absent: zeros
+        h_out = _shaped(output, shape, 2 if lstm else 1)  # the module's own output, or None
+        rows = self._rows
+        state = [(s.detach().unsqueeze(0) if unbatched else s.detach())[rows] for s in given] if given else None
+        zeros = x.new_zeros(len(rows), m.hidden_size)
+        self._calls.append((x[rows], state[0] if state else zeros, (state[1] if state else zeros) if lstm else None))
         self._hgrads.append(None)
-        if h_out.requires_grad:
-            h_out.register_hook(partial(self._on_h_grad, len(self._calls) - 1, unbatched))
+        self._recomputed = recomputed
+        if h_out is not None and h_out[0].requires_grad:
+            h_out[0].register_hook(partial(self._on_h_grad, len(self._calls) - 1, unbatched))
 
     def _on_h_grad(self, t: int, unbatched: bool, g: Tensor) -> None:
-        g = (g.unsqueeze(0) if unbatched else g)[self._rows].detach()
-        prev = self._hgrads[t]
-        self._hgrads[t] = g if prev is None else prev + g
+        try:
+            if self._dropped or self._rows is None or t >= len(self._hgrads):  # dropped, or from an earlier step
+                return
+            g = (g.detach().unsqueeze(0) if unbatched else g.detach())[self._rows]
+            prev = self._hgrads[t]
+            self._hgrads[t] = g if prev is None else prev + g
+        except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
+            self._fail("gradient hook of its output", exc)
+
+    def _drop(self) -> None:
+        super()._drop()
+        self._calls, self._hgrads = [], []
 
     def end_step(self) -> None:
         """Forget what this step captured."""
         super().end_step()
-        self._calls, self._hgrads, self._rows = [], [], None
+        self._calls, self._hgrads, self._rows, self._recomputed = [], [], None, False
 
     def _internals(self, step: int) -> dict[str, Tensor]:
         """Gates of every captured call at once, with the weights of the forward; gradient through time."""
@@ -92,6 +117,13 @@ class CellProbe(Probe):
             items.update(gtt_items(n, None, tt))  # one layer: the module's is its own
             items.update(gtt_items(n, lab, tt))
         return items
+
+
+def _shaped(v: Any, shape: tuple[int, ...], n: int) -> tuple[Tensor, ...] | None:
+    """v as n tensors of `shape`, if it is: a tensor (n 1), or a tuple or list of them (an LSTMCell's (h, c))."""
+    ts = (v,) if isinstance(v, Tensor) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    ok = len(ts) == n and all(isinstance(t, Tensor) and tuple(t.shape) == shape for t in ts)
+    return ts if ok else None
 
 
 class LSTMCellProbe(CellProbe):

@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import keys, recurrence, stats
 from ..gates import SeqBatch, Weights, rnn_params
 from .base import GATES_SITE, Probe, gate_items, gtt_items
-from .capture import Capture, capture
+from .capture import Capture, capture, read_call, read_input
 
 
 class Part(NamedTuple):
@@ -38,25 +38,35 @@ class RNNProbe(Probe):
     _cap: Capture | None = None
 
     def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        x = args[0] if args else kwargs["input"]
-        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        x = read_input(self.module, args, kwargs)
+        if x is None:  # not called with an input of this module (a subclass's own arguments)
+            return
         self._mark_data(x.data if isinstance(x, PackedSequence) else x)
-        if self.clock.logging and self._cap is None:
-            out, finals = output  # output, h_n or (h_n, c_n)
-            out = out.data if isinstance(out, PackedSequence) else out
-            finals = finals if isinstance(finals, tuple) else (finals,)
-            self._cap = capture(self.module, x, hx, (("out", out), *zip(self.cell.finals, finals)), self.clock,
-                                self._top_is_output(out), self._on_out_grad)
+        if self.clock.logging and self._cap is None and not self._dropped:
+            # Once per step: a checkpoint's recomputation, or a second call, finds the capture made.
+            call = read_call(self.module, x, self.cell.finals, self.cell.sizes(self.module), args, kwargs, output)
+            keep_top = call.outputs is not None and self._top_is_output(call.outputs[0][1])
+            self._cap = capture(self.module, call, self.clock, keep_top, self._on_out_grad)
 
     def _top_is_output(self, out: Tensor) -> bool:
         """Whether the output is the top layer's hidden state as the recomputation runs it: no dropout ran
         below it, and it is in the dtype the gates are recomputed in (not under autocast)."""
         m = self.module
-        return (m.num_layers == 1 or m.dropout == 0 or not m.training) and out.dtype == m.weight_hh_l0.dtype
+        # The snapshot's dtype: reading the module's weight would run a parametrization, inside autograd.
+        w = self._forward_weights.get("weight_hh_l0")
+        return w is not None and (m.num_layers == 1 or m.dropout == 0 or not m.training) and out.dtype == w.dtype
 
     def _on_out_grad(self, cap: Capture, key: str, g: Tensor | None) -> None:
         # The output-gradient hook, a method of the probe so that benchmarks/overhead.py can time it per probe.
-        cap.add_grad(key, g)
+        try:
+            if cap is self._cap:  # not a capture dropped after a failure
+                cap.add_grad(key, g)
+        except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
+            self._fail(f"gradient hook of its output {key}", exc)
+
+    def _drop(self) -> None:
+        super()._drop()
+        self._cap = None
 
     def end_step(self) -> None:
         """Forget what this step captured."""

@@ -4,15 +4,14 @@ which log in a folder is the newest, used by `lstmwatch.load` and the CLI alike.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..run import Run
-from .format import BadLine, decode_end, decode_event, decode_header, decode_record, parse_line
+from .format import MAX_LINE, BadLine, clip, decode_end, decode_event, decode_header, decode_record, parse_line, short
 
 __all__ = ["load", "newest", "run_logs"]
 
@@ -57,10 +56,10 @@ def _age(path: Path) -> tuple[float, int, int, str] | None:
     with open(path, "rb") as f:
         first = f.readline(_HEADER_MAX)
     try:
-        obj = json.loads(first.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = parse_line(first)
+    except BadLine:
         return None
-    if not isinstance(obj, dict) or obj.get("type") != "header":
+    if obj.get("type") != "header":
         return None
     mtime = path.stat().st_mtime_ns
     try:
@@ -72,18 +71,31 @@ def _age(path: Path) -> tuple[float, int, int, str] | None:
 
 
 def load(path: str | os.PathLike) -> Run:
-    """Read a run log (or a folder's newest) back; a last line cut off by a crash is dropped, not an error."""
+    """Read a run log (or a folder's newest) back; a last line cut off by a crash is dropped, not an error.
+
+    Any other line that is not what lstmwatch writes is a ValueError naming the file and the line, its
+    message a few hundred characters at most. The file is read a line at a time, none longer than
+    format.MAX_LINE (16 MiB): what a hostile file costs in memory is bounded by that, not by its size.
+    """
     path = Path(path)
     if path.is_dir():
         path = newest(path)
     with open(path, "rb") as f:  # FileNotFoundError as is
-        data = f.read()
-    lines = data.split(b"\n")
-    # What follows the last newline is a line the writer never finished: a crash cut it off.
-    tail = lines.pop()
+        return _read(f, path)
+
+
+def _read(f: BinaryIO, path: Path) -> Run:
+    """The lines of an open log, MAX_LINE bytes at most each, as a Run."""
     run: Run | None = None
-    for n, raw in enumerate([*lines, tail], 1):
-        last = n == len(lines) + 1
+    n = 0
+    while raw := f.readline(MAX_LINE + 1):
+        n += 1
+        # A line with no newline ends the file (the writer never finished it: a crash cut it off), or is longer
+        # than any the writer makes: none is, so that is an error wherever the line stands.
+        last = not raw.endswith(b"\n")
+        if len(raw) > MAX_LINE and last:
+            raise ValueError(f"lstmwatch run log {path}, line {n}: longer than {MAX_LINE >> 20} MiB, where a run's "
+                             "longest lines are a few hundred kB: not an lstmwatch run log")
         if not raw.strip():
             continue
         try:
@@ -91,7 +103,7 @@ def load(path: str | os.PathLike) -> Run:
             kind: Any = obj.get("type")
             if run is None:
                 if kind != "header":
-                    raise BadLine(f"the first line should be the header (type 'header'), got type {kind!r}: "
+                    raise BadLine(f"the first line should be the header (type 'header'), got type {short(kind)}: "
                                   "is this an lstmwatch run log?")
                 run = Run(decode_header(obj), complete=False, path=path)
                 names = tuple(m["name"] for m in run.header.get("modules", []))
@@ -104,12 +116,12 @@ def load(path: str | os.PathLike) -> Run:
             elif kind == "end":
                 run.steps, run.complete = decode_end(obj), True
             elif not isinstance(kind, str):
-                raise BadLine(f"no line type (a 'type' string), got {kind!r}")
+                raise BadLine(f"no line type (a 'type' string), got {short(kind)}")
             # A line type from a newer lstmwatch is skipped: the lines this one knows still read.
         except BadLine as exc:
             if last:  # cut off mid-line by a crash: keep everything up to the last complete line
                 break
-            raise ValueError(f"lstmwatch run log {path}, line {n}: {exc}") from None
+            raise ValueError(f"lstmwatch run log {path}, line {n}: {clip(str(exc), 400)}") from None
     if run is None:
         raise ValueError(f"lstmwatch run log {path}: no header line; the file is empty or not an lstmwatch run log")
     return run

@@ -13,10 +13,15 @@ from ..record import Record
 
 
 class ConsoleSink:
-    """Sends warning and error events through `warnings`, so filters and `warnings.filterwarnings` apply."""
+    """Sends warning and error events through `warnings`, so filters and `warnings.filterwarnings` apply.
 
-    def __init__(self) -> None:
-        self.emitted: list[Event] = []
+    What it sent is kept bounded, whatever the length of the run: a count per kind, and the first `keep` events.
+    """
+
+    def __init__(self, keep: int = 20) -> None:
+        self.keep = keep
+        self.counts: dict[str, int] = {}  # kind -> warnings and errors sent
+        self.first: list[Event] = []  # the first `keep` of them
 
     def start(self, header: Header) -> None:
         """Nothing to print when a run starts: a healthy run stays silent."""
@@ -26,12 +31,13 @@ class ConsoleSink:
         for event in events:
             if event.severity == "info":
                 continue
-            self.emitted.append(event)
+            self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
+            if len(self.first) < self.keep:
+                self.first.append(event)
             warnings.warn(warning_for(event), stacklevel=user_stacklevel())
 
     def close(self, summary: Summary | None = None) -> None:
         """One line at the end of a run in which something was found."""
-        if self.emitted:
-            kinds = sorted({e.kind for e in self.emitted})
-            print(f"lstmwatch: {len(self.emitted)} warning(s) this run ({', '.join(kinds)}); "
+        if self.counts:
+            print(f"lstmwatch: {sum(self.counts.values())} warning(s) this run ({', '.join(sorted(self.counts))}); "
                   "print(watcher.summary()) for the diagnosis", file=sys.stderr)

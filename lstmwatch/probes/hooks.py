@@ -1,0 +1,112 @@
+"""lstmwatch's forward hook on a watched module, kept out of what copies and pickles of the module carry.
+
+`copy.deepcopy(model)` and `torch.save(model)` copy each module's `_forward_hooks` with everything in it: a hook
+bound to a probe would take the probe, the tensors it captured and lstmwatch itself into the copy, and a pickle
+would need lstmwatch to load (or fail on the probe's closures).
+
+When the module has no forward hook yet (the usual case), its `_forward_hooks` and `_forward_hooks_with_kwargs`
+become `HookTable`s: OrderedDicts that copy and pickle as plain OrderedDicts of the user's entries alone.
+nn.Module's call path reads them with the dict's own methods, so a forward costs what it cost. On removal,
+plain OrderedDicts come back (unless the user registered hooks meanwhile: their handles point at the table,
+which then stays, emptied of lstmwatch's entries).
+
+When the module already has forward hooks, the user may hold handles to that dict, and replacing it would
+break them: the hook then goes into the dict as it is, a `ForwardHook` whose copy or pickle is an inert no-op
+made of builtins (a copy carries one entry that does nothing, and loads without lstmwatch).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+Hook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]  # (module, args, kwargs, output)
+
+# A forward hook that does nothing, made of builtins alone: object.__init__ of a tuple accepts and ignores any
+# arguments (tuple leaves __init__ to object) and returns None, so the module's output is left as it is.
+INERT = functools.partial(object.__init__, ())
+
+_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs")  # the dicts register_forward_hook(with_kwargs=True) fills
+
+
+class HookTable(OrderedDict[int, Any]):
+    """A module's hook dict with lstmwatch's entries (keys in `hidden`) among the user's: copies and pickles of
+    it are plain OrderedDicts of the user's entries alone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden: set[int] = set()
+
+    def _visible(self) -> list[tuple[Any, Any]]:
+        return [(k, v) for k, v in self.items() if k not in self.hidden]
+
+    def __reduce__(self) -> Any:
+        # pickle, torch.save and copy.copy: a plain OrderedDict, built from collections alone when loaded.
+        return OrderedDict, (), None, None, iter(self._visible())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OrderedDict[Any, Any]:
+        out: OrderedDict[Any, Any] = OrderedDict()
+        memo[id(self)] = out  # before the values: a hook may refer back to its module
+        for k, v in self._visible():
+            out[k] = copy.deepcopy(v, memo)
+        return out
+
+    def copy(self) -> HookTable:
+        """The same hooks, lstmwatch's still hidden."""
+        out = HookTable(self)
+        out.hidden = set(self.hidden)
+        return out
+
+
+class ForwardHook:
+    """lstmwatch's forward hook: calls `fn`. Its copy and its pickle are `INERT`."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Hook):
+        self.fn = fn
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self.fn(module, args, kwargs, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return INERT
+
+    def __reduce__(self) -> Any:
+        return functools.partial, (object.__init__, ())
+
+
+class ForwardHookHandle:
+    """A forward hook (with kwargs, before the module's other hooks) on a module, kept out of its copies."""
+
+    def __init__(self, module: nn.Module, fn: Hook):
+        self.module = module
+        hooks = module._forward_hooks
+        if type(hooks) is OrderedDict and not hooks:  # nobody holds a handle to it: replace it
+            for name in _TABLES:
+                setattr(module, name, HookTable(getattr(module, name)))
+        # First: lstmwatch sees the module's own output, before a user's hook changes it (out[0]).
+        self.handle: RemovableHandle = module.register_forward_hook(ForwardHook(fn), with_kwargs=True, prepend=True)
+        for name in _TABLES:
+            table = getattr(module, name)
+            if isinstance(table, HookTable):
+                table.hidden.add(self.handle.id)
+
+    def remove(self) -> None:
+        """Remove the hook; give the module plain hook dicts back when nothing else is in them. Safe twice."""
+        self.handle.remove()
+        m = self.module
+        tables = [getattr(m, name) for name in _TABLES]
+        for table in tables:
+            if isinstance(table, HookTable):
+                table.hidden.discard(self.handle.id)
+        if isinstance(tables[0], HookTable) and not tables[0]:
+            for name, table in zip(_TABLES, tables):
+                if isinstance(table, HookTable):
+                    setattr(m, name, OrderedDict(table))
