@@ -23,7 +23,7 @@ from .events import (
     UnnormalizedInputWarning,
     VanishingGradientWarning,
 )
-from .gates import GateTrace, GRUTrace, gru_gates, lstm_gates
+from .gates import CellGates, GateTrace, GRUCellGates, GRUTrace, gru_cell_gates, gru_gates, lstm_cell_gates, lstm_gates
 from .record import Record
 from .version import __version__
 from .watch import Watcher, watch
@@ -48,7 +48,8 @@ def plot(run: Any) -> Any:
 
 
 __all__ = [
-    "watch", "Watcher", "lstm_gates", "gru_gates", "GateTrace", "GRUTrace", "Event", "Record",
+    "watch", "Watcher", "lstm_gates", "gru_gates", "GateTrace", "GRUTrace", "lstm_cell_gates", "gru_cell_gates",
+    "CellGates", "GRUCellGates", "Event", "Record",
     "LSTMWatchWarning", "LSTMWatchFailure", "ExplodingGradientWarning", "VanishingGradientWarning",
     "NoGradientWarning", "NotUpdatedWarning", "StalledLossWarning", "DivergingLossWarning", "NonFiniteWarning",
     "GateSaturationWarning", "HiddenSaturationWarning", "UnnormalizedInputWarning", "PaddingWarning",

@@ -9,7 +9,7 @@ recurrence (`lstmwatch.recurrence`, the same internals in far fewer ops) to.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypedDict
 
@@ -19,7 +19,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .keys import layer_label
 
-__all__ = ["GateTrace", "GRUTrace", "lstm_gates", "gru_gates"]
+__all__ = ["GateTrace", "GRUTrace", "CellGates", "GRUCellGates", "lstm_gates", "gru_gates", "lstm_cell_gates",
+           "gru_cell_gates"]
 
 
 @dataclass(frozen=True)
@@ -286,3 +287,76 @@ def gru_gates(gru: nn.GRU, input: Tensor | PackedSequence, hx: Tensor | None = N
         batch = batch._replace(x=batch.x.to(dtype))
         traces, _, _ = gru_forward(params, gru, batch, h0.to(dtype) if h0 is not None else None)
     return traces
+
+
+class CellGates(NamedTuple):
+    """One step of an nn.LSTMCell: gates i, f, g, o and the new states c, h, each (B, H), or (H,) unbatched."""
+
+    i: Tensor  # input gate
+    f: Tensor  # forget gate
+    g: Tensor  # cell candidate (tanh)
+    o: Tensor  # output gate
+    c: Tensor  # c', the cell's second output
+    h: Tensor  # h', the cell's first output
+
+
+class GRUCellGates(NamedTuple):
+    """One step of an nn.GRUCell: gates r, z, n and the new state h, each (B, H), or (H,) unbatched."""
+
+    r: Tensor  # reset gate
+    z: Tensor  # update gate
+    n: Tensor  # new-state candidate (tanh)
+    h: Tensor  # h', the cell's output
+
+
+def _cell_input(cell: nn.RNNCellBase, input: Tensor) -> tuple[Tensor, bool, Weights]:
+    """The input as (B, F) in the weights' dtype, whether it was unbatched, and the cell's weights."""
+    p = weights(dict(cell.named_parameters()))
+    unbatched = input.dim() == 1
+    x = input.unsqueeze(0) if unbatched else input
+    return x.to(p["w_ih"].dtype), unbatched, p
+
+
+def _cell_state(s: Tensor | None, x: Tensor, hidden: int, unbatched: bool) -> Tensor:
+    """A cell state as (B, H) in x's dtype: zeros when not given."""
+    if s is None:
+        return x.new_zeros(x.shape[0], hidden)
+    return (s.unsqueeze(0) if unbatched else s).to(x.dtype)
+
+
+def _affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x @ w.T + b, without the bias when there is none."""
+    return x @ w.T if b is None else torch.addmm(b, x, w.T)
+
+
+def lstm_cell_gates(cell: nn.LSTMCell, input: Tensor, hx: Sequence[Tensor] | None = None) -> CellGates:
+    """Recompute one step of an nn.LSTMCell, i, f, g, o, c', h', from its input (B, F) or (F,) and (h, c)."""
+    if not isinstance(cell, nn.LSTMCell):
+        raise TypeError(f"lstm_cell_gates needs an nn.LSTMCell, got {type(cell).__name__}")
+    with torch.no_grad(), torch.autocast(input.device.type, enabled=False):
+        x, unbatched, p = _cell_input(cell, input)
+        h0, c0 = (None, None) if hx is None else hx
+        h = _cell_state(h0, x, cell.hidden_size, unbatched)
+        c = _cell_state(c0, x, cell.hidden_size, unbatched)
+        zi, zf, zg, zo = (_affine(x, p["w_ih"], p["b_ih"]) + _affine(h, p["w_hh"], p["b_hh"])).chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(zi), torch.sigmoid(zf), torch.tanh(zg), torch.sigmoid(zo)
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+    out = CellGates(i, f, g, o, c, h)
+    return CellGates(*(t.squeeze(0) for t in out)) if unbatched else out
+
+
+def gru_cell_gates(cell: nn.GRUCell, input: Tensor, hx: Tensor | None = None) -> GRUCellGates:
+    """Recompute one step of an nn.GRUCell, r, z, n, h', from its input (B, F) or (F,) and h."""
+    if not isinstance(cell, nn.GRUCell):
+        raise TypeError(f"gru_cell_gates needs an nn.GRUCell, got {type(cell).__name__}")
+    with torch.no_grad(), torch.autocast(input.device.type, enabled=False):
+        x, unbatched, p = _cell_input(cell, input)
+        h = _cell_state(hx, x, cell.hidden_size, unbatched)
+        xr, xz, xn = _affine(x, p["w_ih"], p["b_ih"]).chunk(3, dim=1)
+        hr, hz, hn = _affine(h, p["w_hh"], p["b_hh"]).chunk(3, dim=1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+    out = GRUCellGates(r, z, n, h)
+    return GRUCellGates(*(t.squeeze(0) for t in out)) if unbatched else out

@@ -256,6 +256,7 @@ class Watcher:
                 self._guard(p, f"{p.name}: forgetting step {s}", p.end_step, switch_off=False)
             self._hook_failures()
             self.clock.advance()
+            self._probe_notes()
         if refused:
             raise refused[0]
         return record
@@ -420,6 +421,16 @@ class Watcher:
         for p in self.probes:
             for what, exc in p.take_failures():
                 self._report(p, what, exc, "its statistics of this step are skipped")
+
+    def _probe_notes(self) -> None:
+        """Say once per probe and kind what the probes noticed about their modules (one replaced after watch(),
+        parameters lent by torch.func.functional_call): not faults of the model, and not lstmwatch's."""
+        for p in self.probes:
+            for kind, message in p.take_notes():
+                key = (id(p), f"note:{kind}")
+                if key not in self._reported:
+                    self._reported.add(key)
+                    warnings.warn(f"lstmwatch: {message}", LSTMWatchFailure, stacklevel=user_stacklevel())
 
     def _report(self, obj: Any, what: str, exc: Exception, consequence: str) -> None:
         """Say once per object and kind of failure what lstmwatch could not do; training goes on."""

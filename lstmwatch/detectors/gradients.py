@@ -9,6 +9,7 @@ from statistics import median
 from .. import keys
 from ..events import Record
 from .base import Detector, Fact, finite, fmt
+from .saturation import KnowsType
 from .trend import LossTrend
 
 CLIP_HINT = ("clip the gradient norm before the optimizer step, "
@@ -106,7 +107,7 @@ class ExplodingGradient(Detector):
                 CLIP_HINT + "; for long sequences also consider truncated backpropagation through time.")
 
 
-class VanishingGradient(Detector):
+class VanishingGradient(KnowsType, Detector):
     """The first layers, or the earliest timesteps while the loss stalls, get vanishingly little gradient.
 
     threshold: first-layer over last-layer gradient norm below which a stack starves its first layers,
@@ -130,6 +131,7 @@ class VanishingGradient(Detector):
 
     def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
         m = module
+        self.note_type(record, m)
         norms = record.layer_norms(m)
         fact, bad, present = None, 0.0, False
         if len(norms) >= 2:
@@ -167,12 +169,16 @@ class VanishingGradient(Detector):
             what = (f"dL/dh at the first timestep is {fmt(v['ratio'])} of that at the last (threshold "
                     f"{v['threshold']:g}) while the loss improved only {100 * v['improvement']:.1f}% in "
                     f"{v['steps']} steps: the early timesteps get no gradient, so what they hold cannot be learned")
+        if self.gru(fact.module):  # a GRU has no forget gate: its update gate z carries the state
+            return (what + ".", "use fewer layers or residual connections between them, shorter sequences or "
+                    "truncated backpropagation through time, and a positive update-gate bias (the second third of "
+                    "`bias_hh`), so the state is carried across steps.")
         return (what + ".", "use fewer layers or residual connections between them, shorter sequences or "
                 "truncated backpropagation through time, and a forget-gate bias of 1.0: "
                 "`lstmwatch.remedies.set_forget_bias(model, 1.0)`.")
 
 
-class NoGradient(Detector):
+class NoGradient(KnowsType, Detector):
     """An LSTM gets no gradient at all, or an exactly zero one, for `patience` consecutive records.
 
     An exactly zero gradient counts only while the LSTM has had no other in this run: one that had a gradient
@@ -189,6 +195,7 @@ class NoGradient(Detector):
         self.reached: dict[str, int] = {}  # module -> the first step a nonzero gradient reached it
 
     def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        self.note_type(record, module)
         g, seen = record.module_stat(module, "grad_norm"), record.module_stat(module, "grads_seen")
         if g is not None and g > 0:  # NaN (a step the GradScaler skipped) says nothing
             self.reached.setdefault(module, record.step)
@@ -202,12 +209,13 @@ class NoGradient(Detector):
         return Fact(module, variant="none" if seen == 0 else "zero", values=values)
 
     def _describe(self, fact: Fact) -> tuple[str, str]:
+        name = "GRU" if self.gru(fact.module) else "LSTM"
         if fact.variant == "frozen":
-            return ("every parameter of this LSTM has requires_grad=False: it is frozen and will not learn.",
-                    "if that is not intended: `lstm.requires_grad_(True)`.")
+            return (f"every parameter of this {name} has requires_grad=False: it is frozen and will not learn.",
+                    f"if that is not intended: `{name.lower()}.requires_grad_(True)`.")
         how = "no gradient reached its parameters" if fact.variant == "none" else "its gradient is exactly zero"
         return (f"for {fact.values['records']} logging steps {how}: nothing the loss depends on passes "
-                "through this LSTM, so it cannot learn.",
+                f"through this {name}, so it cannot learn.",
                 "make sure its output reaches the loss without `.detach()`, `.item()`, "
                 "`.numpy()` or `torch.no_grad()` in between, and that the output you use is not "
                 "replaced by something else (e.g. the input).")

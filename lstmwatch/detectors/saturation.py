@@ -24,9 +24,40 @@ _GATE_MEANING = {
 }
 _SIGMOID_GATES = tuple(_GATE_MEANING)  # LSTM and GRU gates, in the order ties are broken
 _STATES = (("c", "cell output tanh(c)"), ("h", "hidden state"))
+GRU_GATES = frozenset({"reset", "update", "new"})  # a GRU's or GRUCell's; an LSTM's are input, forget, cell, output
+LSTM_GATES = frozenset({"input", "forget", "cell", "output"})
 
 
-class _Saturation(Detector):
+def is_gru(record: Record, module: str) -> bool | None:
+    """Whether a module is a GRU (or GRUCell), told by the gates recorded for it; None when none are."""
+    for lab in record.layers(module):
+        gates = set(record.gates(module, lab))
+        if gates & GRU_GATES:
+            return True
+        if gates & LSTM_GATES:
+            return False
+    return None
+
+
+class KnowsType:
+    """Remembers which watched modules are GRUs, so that the words of a fault fit the module (no forget gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grus: dict[str, bool] = {}  # module -> whether it is a GRU; read again from each record, not saved
+
+    def note_type(self, record: Record, module: str) -> None:
+        """Read the module's type from a record (the latest known stays when this one has no gates)."""
+        gru = is_gru(record, module)
+        if gru is not None:
+            self.grus[module] = gru
+
+    def gru(self, module: str) -> bool:
+        """Whether the module was last seen as a GRU; an unknown module is taken for an LSTM."""
+        return self.grus.get(module, False)
+
+
+class _Saturation(KnowsType, Detector):
     """Saturation that is present from the first records on, or that comes with a stalled loss.
 
     Saturation that comes with learning is not a fault: trained healthy LSTMs often have a third of their
@@ -55,6 +86,7 @@ class _Saturation(Detector):
         return super()._decide(record, trend)
 
     def _decide_module(self, record: Record, trend: LossTrend, module: str) -> Fact | None:
+        self.note_type(record, module)
         stalled = trend.stalled(self.loss_patience, self.min_delta)
         worst: Fact | None = None
         present = False
@@ -92,12 +124,15 @@ class GateSaturation(_Saturation):
         lab, gate = fact.where.split("/")
         low = v["sat_left"] >= v["sat_right"]
         meaning = _GATE_MEANING.get(gate, ("the gate is pinned shut", "the gate is pinned open"))[0 if low else 1]
-        return (f"{pct(v['frac'])} of the values of the {gate} gate of layer {lab} are saturated ({pct(v['sat_left'])} "
-                f"below 0.1, {pct(v['sat_right'])} above 0.9; threshold {pct(v['threshold'])}), {self._when(fact)}: "
-                f"{meaning}, and the gate's gradient vanishes.",
+        hint = ("standardize the inputs (see unnormalized_input), check the gate biases (`bias_ih` and `bias_hh`: "
+                "reset, update, new), or lower the learning rate if the saturation grew during training."
+                if self.gru(fact.module) else
                 "standardize the inputs (see unnormalized_input), check the gate biases "
                 "(`lstmwatch.remedies.set_forget_bias(model, 1.0)` resets the forget gate to a sane "
                 "start), or lower the learning rate if the saturation grew during training.")
+        return (f"{pct(v['frac'])} of the values of the {gate} gate of layer {lab} are saturated ({pct(v['sat_left'])} "
+                f"below 0.1, {pct(v['sat_right'])} above 0.9; threshold {pct(v['threshold'])}), {self._when(fact)}: "
+                f"{meaning}, and the gate's gradient vanishes.", hint)
 
 
 class HiddenSaturation(_Saturation):
@@ -115,9 +150,11 @@ class HiddenSaturation(_Saturation):
     def _describe(self, fact: Fact) -> tuple[str, str]:
         lab, state = fact.where.split("/")
         label = dict(_STATES)[state]
-        return (f"{pct(fact.values['frac'])} of the values of the {label} of layer {lab} are beyond +-0.9 (threshold "
-                f"{pct(fact.values['threshold'])}), {self._when(fact)}: the tanh is saturated, its gradient is close "
-                "to zero and the state carries little beyond a sign.",
+        hint = ("standardize the inputs, lower the learning rate, and keep the gate biases near their defaults so "
+                "the new-state candidate n cannot run to +-1." if self.gru(fact.module) else
                 "standardize the inputs, lower the learning rate, and keep the forget and input gate "
                 "biases near their defaults so the cell state cannot run away "
                 "(`lstmwatch.remedies.set_forget_bias(model, 1.0)`).")
+        return (f"{pct(fact.values['frac'])} of the values of the {label} of layer {lab} are beyond +-0.9 (threshold "
+                f"{pct(fact.values['threshold'])}), {self._when(fact)}: the tanh is saturated, its gradient is close "
+                "to zero and the state carries little beyond a sign.", hint)

@@ -28,6 +28,7 @@ _CONFIG = ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_fi
 
 DATA_SITE, GATES_SITE = "data", "gates"  # non-finite sites of the input and of the recomputed gates (keys.SITES)
 MAX_FAILURES = 8  # hook failures kept until the Watcher takes them; later ones are dropped
+IDLE_RECORDS = 3  # logging records in a row without a training forward before the probe says its module did not run
 
 
 def grad_site(pname: str) -> str:
@@ -74,20 +75,81 @@ class Probe:
 
     def __init__(self, name: str, module: nn.Module, clock: Clock):
         self.name, self.module, self.clock = name, module, clock
-        self.params = dict(module.named_parameters())
-        self.labels = {p: keys.param_layer(p) for p in self.params}
+        self.params: dict[str, Tensor] = {}  # name -> the parameter hooked and measured (`_bind`)
+        self.labels: dict[str, str] = {}
+        self._own: tuple[Tensor | None, ...] = ()  # module._parameters' values when bound: a replacement differs
+        self._grad_handles: list[RemovableHandle] = []
         self._gsq: dict[str, Tensor] = {}  # param -> (blocks,) squared norms of its accumulated gradient
         self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
         self._weights: dict[str, Tensor] | None = None  # a logging step's parameters, before the optimizer step
         self._forward_weights: dict[str, Tensor] = {}  # the weights its forward read, by the names forward reads
         self._dropped = False  # a hook failed in this step: its statistics are dropped
+        self._ran = False  # a training forward ran in this step
+        self._seen = False  # a training forward ran since the last logging record
+        self._idle = 0  # logging records in a row whose interval saw no training forward
+        self._rebinds = 0  # the forwards of this step that found other parameters than those bound
+        self._foreign = False  # a forward of this step ran with parameters that are not the module's own
         # Hook failures not yet reported, (what, exception), at most MAX_FAILURES: the Watcher takes them.
         self.failures: list[tuple[str, Exception]] = []
+        # What the Watcher says once per probe and kind: (kind, message). 'idle': the module did not run;
+        # 'foreign': its forward ran with parameters that are not its own (torch.func.functional_call).
+        self.notes: list[tuple[str, str]] = []
         # The forward hook stays out of copies and pickles of the module (hooks.py).
         self.handles: list[RemovableHandle | ForwardHookHandle] = [ForwardHookHandle(module, self._hook)]
+        self._bind()
+
+    # --- the parameters measured: those the module holds now
+    def _bind(self) -> None:
+        """Hook and measure the parameters the module holds now (the gradient hooks of the previous ones removed).
+
+        Called at watch() and whenever a training forward finds `module._parameters` changed: a parameter
+        re-created (`lstm.bias_ih_l0 = nn.Parameter(...)`), or lent for one call (torch.func.functional_call).
+        Only leaf nn.Parameters are hooked: a functional_call's tensors may be neither.
+        """
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles = []
+        m = self.module
+        self._own = tuple(m._parameters.values())
+        self.params = dict(m.named_parameters())
+        self.labels = {p: keys.param_layer(p) for p in self.params}
         for pname, p in self.params.items():
-            if p.requires_grad:
-                self.handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, pname)))
+            if p.requires_grad and p.is_leaf and isinstance(p, nn.Parameter):
+                self._grad_handles.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, pname)))
+
+    def _bound(self) -> bool:
+        """Whether the module holds the parameters bound: a few pointer comparisons, nothing on the device."""
+        live, own = self.module._parameters, self._own
+        return len(live) == len(own) and all(a is b for a, b in zip(live.values(), own))
+
+    def _check_params(self) -> None:
+        """A training forward: measure the parameters it runs with, if they are not those bound."""
+        if self._bound():
+            return
+        self._rebinds += 1
+        if any(p is not None and not isinstance(p, nn.Parameter) for p in self.module._parameters.values()):
+            self._foreign = True  # plain tensors: lent for this call (nn.Module refuses them as attributes)
+        self._bind()
+
+    def _settle(self) -> None:
+        """The end of a step whose forwards found other parameters: a replacement stays, lent parameters are gone
+        (or came and went within the step). Those lent: say so once, and hook the module's own again."""
+        if not self._rebinds:
+            return
+        if self._rebinds > 1 or not self._bound():
+            self._foreign = True
+        self._rebinds = 0
+        if self._foreign and self.handles:  # not after remove()
+            self.notes.append(("foreign", f"{self.name} ran with parameters that are not its own "
+                               "(torch.func.functional_call or the like): lstmwatch measures the module's own "
+                               "parameters, so the gradient statistics, update ratio and gates of those steps are "
+                               "left out"))
+            self._bind()
+
+    def take_notes(self) -> list[tuple[str, str]]:
+        """What the Watcher says once per probe and kind, (kind, message), since the last call."""
+        out, self.notes = self.notes, []
+        return out
 
     def _weight_names(self) -> list[str]:
         """The names of the weights the module's forward reads."""
@@ -121,9 +183,9 @@ class Probe:
 
     def remove(self) -> None:
         """Remove every hook this probe added; safe to call twice."""
-        for h in self.handles:
+        for h in [*self.handles, *self._grad_handles]:
             h.remove()
-        self.handles = []
+        self.handles, self._grad_handles = [], []
         self.end_step()
 
     # --- hooks
@@ -154,6 +216,8 @@ class Probe:
         try:
             if not torch.is_grad_enabled():  # an evaluation pass, not the training step
                 return
+            self._ran = self._seen = True
+            self._check_params()  # before the snapshot: the weights this forward runs with
             if self.clock.logging and self._weights is None and not self._dropped:
                 self._snapshot(module)
             self._on_forward(args, kwargs, output)
@@ -212,9 +276,10 @@ class Probe:
     # --- the logging step
     def end_step(self) -> None:
         """Forget what this step captured."""
+        self._settle()
         self._gsq = {}
         self._weights, self._forward_weights = None, {}
-        self._dropped = False
+        self._dropped = self._ran = self._foreign = False
 
     def has_gradients(self) -> bool:
         """Whether a logging step's backward reached this module's parameters since the last step."""
@@ -228,14 +293,31 @@ class Probe:
         """
         items: dict[str, Tensor] = {}
         host: dict[str, float] = {}
-        if self.clock.logging and not self._dropped:  # dropped: a hook failed, what it kept is incomplete
+        self._settle()
+        if self.clock.logging:
+            self._count_idle()
+        # Dropped: a hook failed, what it kept is incomplete. Foreign: the forward ran with parameters lent to
+        # it, not those measured. A module that did not run in this step has no gradient to miss (it may have
+        # been replaced after watch()): its gradient statistics are left out, not reported as none.
+        kept = not self._dropped and not self._foreign
+        if self.clock.logging and kept and (self._ran or self._gsq):
             items, host = self._grad_stats()
-        if self._weights is not None and not self._dropped:
+        if self._weights is not None and kept:
             items.update(self._update_ratio(self._weights))
             items.update(self._internals(step))
         for site, first in self._first_bad.items():
             items[keys.nonfinite_key(self.name, site)] = first
         return items, host
+
+    def _count_idle(self) -> None:
+        """A logging record: count those in a row with no training forward since the last; say so once."""
+        self._idle = 0 if self._seen or self._gsq else self._idle + 1
+        self._seen = False
+        if self._idle == IDLE_RECORDS:
+            self.notes.append(("idle", f"{self.name} did not run in a training forward for {IDLE_RECORDS} logging "
+                               "steps: was it replaced after watch() (`model.lstm = nn.LSTM(...)`)? Call "
+                               "lstmwatch.watch(model) again on the model; meanwhile its gradient statistics are "
+                               "left out"))
 
     def _grad_stats(self) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Gradient norms per parameter, layer-direction and gate, from the block norms the hooks kept."""

@@ -41,6 +41,13 @@ CAPTIONS = {
     "update_ratio": "healthy: |dw|/|w| near 1e-3 per step (shaded 1e-4 to 1e-2); far below: learning rate too low, "
                     "far above: too high.",
 }
+# The saturation caption's last words for a run of GRUs only, or of LSTMs and GRUs together: a GRU has no forget
+# gate, its update gate near 1 is what keeps the state.
+GRU_SATURATION_TAIL = {"gru": "an update gate near 1 can be memory.", "both": "a forget or update gate near 1 can be "
+                       "memory."}
+LSTM_SATURATION_TAIL = "a forget gate near 1 can be memory."
+ALL_MODULES = {"lstm": "all LSTMs", "gru": "all GRUs", "both": "all LSTMs and GRUs"}
+GRU_GATES = frozenset({"reset", "update", "new"})
 GATE_COLORS = {"input": "#1f77b4", "forget": "#ff7f0e", "cell": "#2ca02c", "output": "#d62728",
                "reset": "#9467bd", "update": "#8c564b", "new": "#2ca02c", "h": "#7f7f7f"}
 SEVERITY_COLORS = {"error": "#c0392b", "warning": "#e67e22", "info": "#7f8c8d"}
@@ -109,9 +116,13 @@ def draw(view: Run, fig: Any) -> None:
     steps = max(view.step_count, max((r.step for r in recs), default=0), 1)
     first = _first_events(view.events)
     bad = _first_nonfinite(recs)
+    types = _types(recs, mods)
+    captions = dict(CAPTIONS)
+    if types != "lstm":
+        captions["saturation"] = captions["saturation"].replace(LSTM_SATURATION_TAIL, GRU_SATURATION_TAIL[types])
     for name, ax in by.items():
         ax.set_label(name)
-        _title(ax, TITLES[name], CAPTIONS[name])
+        _title(ax, TITLES[name], captions[name])
         if name != "through_time":
             ax.set_xlim(0, steps * 1.02)
             ax.set_xlabel("step")
@@ -123,7 +134,7 @@ def draw(view: Run, fig: Any) -> None:
                     ax.axvline(e.step, color=SEVERITY_COLORS.get(e.severity, "#7f8c8d"), lw=0.8, alpha=0.35, zorder=0)
         ax.grid(True, which="major", alpha=0.25)
     _loss(by["loss"], recs, first, multi=len(mods) > 1)
-    _grad_norm(by["grad_norm"], recs, mods)
+    _grad_norm(by["grad_norm"], recs, mods, ALL_MODULES[types])
     _saturation(by["saturation"], recs, mods)
     _through_time(by["through_time"], recs, mods)
     _inputs(by["inputs"], recs, mods)
@@ -282,14 +293,33 @@ def _per_layer(ax: Any, recs: Sequence[Record], mods: list[str], stat: str) -> i
     return lines
 
 
-def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
+def _types(recs: Sequence[Record], mods: list[str]) -> str:
+    """'lstm', 'gru' or 'both': the kinds of the watched modules, told by their gates (a GRU's are reset, update,
+    new); a module with no gates recorded counts as an LSTM."""
+    grus = {m for m in mods if _is_gru(recs, m)}
+    if not grus:
+        return "lstm"
+    return "gru" if grus.issuperset(mods) else "both"
+
+
+def _is_gru(recs: Sequence[Record], module: str) -> bool:
+    """Whether the first record with gates of the module shows a GRU's."""
+    for r in recs:
+        for lab in r.layers(module):
+            gates = set(r.gates(module, lab)) - {"c", "h"}
+            if gates:
+                return bool(gates & GRU_GATES)
+    return False
+
+
+def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str], everything: str = "all LSTMs") -> None:
     lines = _per_layer(ax, recs, mods, "grad_norm")
     drew = lines > 0
     xs, ys = _series(recs, keys.GRAD_NORM, positive=True)
     good = sorted(y for y in ys if not math.isnan(y))
     if good:
         if lines != 1:  # with one layer the total is that layer's line
-            ax.plot(xs, ys, "-", lw=1, color="black", alpha=0.6, label="all LSTMs")
+            ax.plot(xs, ys, "-", lw=1, color="black", alpha=0.6, label=everything)
         med = good[len(good) // 2]
         ax.axhspan(0.1 * med, 10 * med, color=HEALTHY, alpha=0.08, lw=0, label="0.1x-10x median")
         drew = True
