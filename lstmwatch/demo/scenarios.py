@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
     from ..watch import Watcher
@@ -115,6 +116,7 @@ class Setup:
     val_every: int = 0
     nan_at: int = 0  # put a NaN into the input batch from this step on
     lengths_in_model: bool = False
+    targets_in_model: bool = False  # training calls model(x, y) (teacher forcing); evaluation calls model(x)
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,137 @@ def _overfit(g):
     return Setup(m, torch.optim.Adam(m.parameters(), 1e-2), lambda step: train(), _ce, val=val, val_every=5)
 
 
+# --- the architectures people build around nn.LSTM
+
+
+class Seq2Seq(nn.Module):
+    """An nn.LSTM encoder and an nn.LSTMCell decoder stepped by hand, forecasting `horizon` values.
+
+    model(x, y) decodes with teacher forcing (the true previous value is the next input); model(x) decodes
+    greedily, feeding back its own predictions (the evaluation, under torch.no_grad()). detach_state: the
+    encoder's final state handed to the decoder detached, so the encoder gets no gradient (the fault).
+    """
+
+    def __init__(self, hidden: int = 32, horizon: int = 5, detach_state: bool = False):
+        super().__init__()
+        self.encoder = nn.LSTM(1, hidden, batch_first=True)
+        self.decoder = nn.LSTMCell(1, hidden)
+        self.head = nn.Linear(hidden, 1)
+        self.horizon, self.detach_state = horizon, detach_state
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        _, (h, c) = self.encoder(x)
+        h, c = h[-1], c[-1]
+        if self.detach_state:
+            h, c = h.detach(), c.detach()
+        inp = x[:, -1]
+        outs = []
+        for t in range(self.horizon):
+            h, c = self.decoder(inp, (h, c))
+            out = self.head(h)
+            outs.append(out)
+            inp = y[:, t] if y is not None else out
+        return torch.stack(outs, 1)
+
+
+def multistep_task(batch: int, T: int, horizon: int, scale: float = 1.0, shift: float = 0.0,
+                   gen: torch.Generator | None = None) -> Task:
+    """Noisy sines of random frequency and phase: T values in, the next `horizon` values out, (B, horizon, 1)."""
+    def make(step: int) -> Batch:
+        f = torch.rand(batch, 1, generator=gen) * 0.3 + 0.05
+        p = torch.rand(batch, 1, generator=gen) * 6.28
+        t = torch.arange(T + horizon).float()
+        s = (torch.sin(f * t + p) + 0.05 * torch.randn(batch, T + horizon, generator=gen))[..., None] * scale + shift
+        return s[:, :T], s[:, T:], None
+    return make
+
+
+class AttnNet(nn.Module):
+    """An LSTM whose outputs are pooled by additive attention over time, then a linear head."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int):
+        super().__init__()
+        self.lstm = nn.LSTM(n_in, hidden, batch_first=True)
+        self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(x)
+        a = torch.softmax(self.score(out), dim=1)  # (B, T, 1)
+        return self.head((a * out).sum(1))
+
+
+class CheckpointedNet(Net):
+    """Net whose LSTM runs under torch.utils.checkpoint (activations recomputed in backward)."""
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        out, _ = checkpoint(self.lstm, x, use_reentrant=False)
+        return self.head(out[:, -1])
+
+
+class GRUNet(nn.Module):
+    """An nn.GRU and a linear head read at the last step."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, layers: int = 1):
+        super().__init__()
+        self.gru = nn.GRU(n_in, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+def _seq2seq(g, *, scale=1.0, shift=0.0, lr=3e-3, detach_state=False) -> Setup:
+    m = Seq2Seq(detach_state=detach_state)
+    return Setup(m, torch.optim.Adam(m.parameters(), lr), multistep_task(32, 30, 5, scale, shift, g), _mse,
+                 val=_fixed(multistep_task(128, 30, 5, scale, shift, g)), val_every=25, targets_in_model=True)
+
+
+def _healthy_seq2seq(g):
+    return _seq2seq(g)
+
+
+def _seq2seq_detached(g):
+    return _seq2seq(g, detach_state=True)
+
+
+def _healthy_attention(g):
+    m = AttnNet(4, 32, 2)
+    return Setup(m, torch.optim.Adam(m.parameters(), 3e-3), memory_task(32, 40, gen=g), _ce)
+
+
+def _checkpointed(g, *, scale=1.0, shift=0.0) -> Setup:
+    m = CheckpointedNet(1, 32, 1, layers=4)
+    return Setup(m, torch.optim.Adam(m.parameters(), 3e-3), sine_task(32, 30, scale, shift, g), _mse)
+
+
+def _healthy_checkpointed(g):
+    return _checkpointed(g)
+
+
+def _checkpointed_unnormalized(g):
+    return _checkpointed(g, scale=300.0, shift=1000.0)
+
+
+def _gru(g, *, lr=3e-3, opt="adam", scale=1.0, shift=0.0) -> Setup:
+    m = GRUNet(1, 32, 1)
+    o = torch.optim.Adam(m.parameters(), lr) if opt == "adam" else torch.optim.SGD(m.parameters(), lr)
+    return Setup(m, o, sine_task(32, 30, scale, shift, g), _mse)
+
+
+def _healthy_gru(g):
+    return _gru(g)
+
+
+def _gru_lr_high(g):
+    return _gru(g, lr=2.0, opt="sgd")
+
+
+def _gru_unnormalized(g):
+    return _gru(g, scale=300.0, shift=1000.0)
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("healthy_forecast", "healthy: sine forecasting, normalized inputs, Adam 3e-3", (), 300, _healthy_forecast),
     Scenario("healthy_classify", "healthy: sequence classification", (), 300, _healthy_classify),
@@ -292,6 +425,20 @@ SCENARIOS: list[Scenario] = [
     Scenario("hidden_saturation", "gate biases initialized so the cell state runs away", ("hidden_saturation",), 300,
              _hidden_saturation),
     Scenario("overfitting", "a large model on 16 training sequences", ("overfitting",), 300, _overfit),
+    # The architectures people build around nn.LSTM.
+    Scenario("healthy_seq2seq", "healthy: LSTM encoder, LSTMCell decoder with teacher forcing, greedy evaluation",
+             (), 300, _healthy_seq2seq),
+    Scenario("healthy_attention", "healthy: attention over the LSTM's outputs, 40-step memory", (), 300,
+             _healthy_attention),
+    Scenario("healthy_checkpointed", "healthy: 4-layer LSTM under torch.utils.checkpoint", (), 300,
+             _healthy_checkpointed),
+    Scenario("healthy_gru", "healthy: nn.GRU sine forecasting", (), 300, _healthy_gru),
+    Scenario("seq2seq_detached", "seq2seq: the encoder's state handed to the decoder detached", ("no_gradient",), 300,
+             _seq2seq_detached),
+    Scenario("checkpointed_unnormalized", "checkpointed 4-layer LSTM on raw values around 1000",
+             ("unnormalized_input",), 300, _checkpointed_unnormalized),
+    Scenario("gru_lr_too_high", "GRU with SGD lr=2", ("diverging_loss", "exploding_gradient"), 300, _gru_lr_high),
+    Scenario("gru_unnormalized", "GRU on raw values around 1000", ("unnormalized_input",), 300, _gru_unnormalized),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 DEMO: list[Scenario] = [BY_NAME[n] for n in ("healthy_forecast", "unnormalized_input", "lr_too_high", "lr_too_low",
@@ -316,7 +463,7 @@ def run(sc: Scenario, *, steps: int | None = None, seed: int = 0, progress: Call
                 if s.nan_at and step >= s.nan_at:
                     x = x.clone()
                     x[0, 0, 0] = math.nan
-                args = (x, lengths) if s.lengths_in_model else (x,)
+                args = (x, lengths) if s.lengths_in_model else (x, y) if s.targets_in_model else (x,)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.amp):
                     loss = s.loss(s.model(*args).float(), y)
                 (scaler.scale(loss) if scaler else loss / s.accumulate).backward()
