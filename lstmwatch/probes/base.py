@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import keys, recurrence, stats
 from ..interfaces import ModuleInfo
 from ..schedule import Clock
-from .hooks import ForwardHookHandle
+from .hooks import ForwardHookHandle, KernelCallHook
 
 # What describe() reports of a module, when it has it.
 _CONFIG = ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_first", "bias", "dropout", "proj_size")
@@ -95,7 +95,8 @@ class Probe:
         # 'foreign': its forward ran with parameters that are not its own (torch.func.functional_call).
         self.notes: list[tuple[str, str]] = []
         # The forward hook stays out of copies and pickles of the module (hooks.py).
-        self.handles: list[RemovableHandle | ForwardHookHandle] = [ForwardHookHandle(module, self._hook)]
+        self.handles: list[RemovableHandle | ForwardHookHandle | KernelCallHook] = [
+            ForwardHookHandle(module, self._hook)]
         self._bind()
 
     # --- the parameters measured: those the module holds now

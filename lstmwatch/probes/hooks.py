@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -110,3 +113,93 @@ class ForwardHookHandle:
             for name, table in zip(_TABLES, tables):
                 if isinstance(table, HookTable):
                     setattr(m, name, OrderedDict(table))
+
+
+# --- the recurrent kernel's own call, seen inside an nn.LSTM / nn.GRU subclass's forward
+#
+# A subclass's forward (`forward(x, lengths)` that packs, one returning only the output or a dict) reaches the
+# kernel through `super().forward(...)`, which resolves on the class: an instance attribute cannot see it. While
+# a watched module's class overrides forward, nn.LSTM.forward (nn.GRU.forward) is wrapped on the class: the
+# wrapper runs the original, then hands (module, args, kwargs, output) of that inner call, which has nn.LSTM's
+# own signature and return, to the hooks registered for that module. Modules not registered (every plain
+# nn.LSTM, watched or not) cost one dict lookup. The original comes back when the last registration goes: at
+# `remove()`, or when the module is collected (a watcher never closed). Registrations are replaced whole under
+# a lock and read without it; the hooks are held weakly, so the registry keeps neither probe nor module alive.
+
+_LOCK = threading.RLock()  # reentrant: a finalizer may run in a collection that starts while it is held
+_KERNEL_HOOKS: dict[int, tuple[weakref.WeakMethod[Any], ...]] = {}  # id(module) -> its kernel-call hooks
+_WRAPPED: dict[type, tuple[Any, Any, int]] = {}  # class -> (original forward, wrapper, registrations)
+
+
+def _wrap(original: Any) -> Any:
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # traced: the outer hook reads the call as it always did
+            return original(self, *args, **kwargs)
+        output = original(self, *args, **kwargs)
+        refs = _KERNEL_HOOKS.get(id(self))
+        if refs:
+            for ref in refs:
+                fn = ref()
+                if fn is not None:  # each hook guards itself: nothing it raises reaches the training loop
+                    fn(self, args, kwargs, output)
+        return output
+
+    functools.update_wrapper(forward, original)
+    return forward
+
+
+def original_forward(cls: type) -> Any:
+    """cls.forward as torch defines it, wrapped or not."""
+    with _LOCK:
+        wrapped = _WRAPPED.get(cls)
+        return wrapped[0] if wrapped is not None else cls.__dict__["forward"]
+
+
+def overrides_forward(module: nn.Module, cls: type) -> bool:
+    """Whether the module's class (a subclass of cls) has a forward of its own, which may call cls's."""
+    fwd = type(module).forward
+    with _LOCK:
+        wrapped = _WRAPPED.get(cls)
+        return fwd is not cls.__dict__["forward"] and (wrapped is None or fwd is not wrapped[0])
+
+
+def _unregister(key: int, cls: type, ref: weakref.WeakMethod[Any]) -> None:
+    with _LOCK:
+        refs = tuple(r for r in _KERNEL_HOOKS.get(key, ()) if r is not ref)
+        if len(refs) == len(_KERNEL_HOOKS.get(key, ())):
+            return  # removed before
+        if refs:
+            _KERNEL_HOOKS[key] = refs
+        else:
+            _KERNEL_HOOKS.pop(key, None)
+        original, wrapper, count = _WRAPPED[cls]
+        if count > 1:
+            _WRAPPED[cls] = (original, wrapper, count - 1)
+            return
+        del _WRAPPED[cls]
+        if cls.__dict__.get("forward") is wrapper:  # not if someone wrapped it after us: theirs calls ours
+            setattr(cls, "forward", original)  # noqa: B010
+
+
+class KernelCallHook:
+    """`fn(module, args, kwargs, output)` called for each call of cls.forward (nn.LSTM.forward) on `module` made
+    from inside the module's own forward (a subclass's `super().forward(...)`), after it returns."""
+
+    def __init__(self, module: nn.Module, cls: type, fn: Hook):
+        ref: weakref.WeakMethod[Any] = weakref.WeakMethod(fn)
+        key = id(module)
+        with _LOCK:
+            wrapped = _WRAPPED.get(cls)
+            if wrapped is None:
+                original = cls.__dict__["forward"]
+                wrapped = (original, _wrap(original), 0)
+                setattr(cls, "forward", wrapped[1])  # noqa: B010
+            _WRAPPED[cls] = (wrapped[0], wrapped[1], wrapped[2] + 1)
+            _KERNEL_HOOKS[key] = (*_KERNEL_HOOKS.get(key, ()), ref)
+        # Removed with the module if never removed by hand (a watcher dropped without close()).
+        self._finalizer = weakref.finalize(module, _unregister, key, cls, ref)
+        self._finalizer.atexit = False
+
+    def remove(self) -> None:
+        """Unregister; restore cls.forward with the last registration. Safe twice."""
+        self._finalizer()

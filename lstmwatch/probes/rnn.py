@@ -8,6 +8,7 @@ recurrence (`lstmwatch.recurrence`).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, NamedTuple
 
 import torch
@@ -16,8 +17,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import keys, recurrence, stats
 from ..gates import SeqBatch, Weights, rnn_params
+from ..schedule import Clock
 from .base import GATES_SITE, Probe, gate_items, gtt_items
 from .capture import Capture, capture, read_call, read_input
+from .hooks import KernelCallHook, overrides_forward
 
 
 class Part(NamedTuple):
@@ -35,7 +38,30 @@ class RNNProbe(Probe):
     """nn.LSTM or nn.GRU; subclasses name the kind and the recurrence (`cell`)."""
 
     module: nn.RNNBase
+    kernel: type[nn.RNNBase]  # nn.LSTM or nn.GRU: the class whose forward runs the recurrent kernel
     _cap: Capture | None = None
+    _inner: threading.local | None = None  # set when the module's class has a forward of its own
+
+    def __init__(self, name: str, module: nn.Module, clock: Clock):
+        super().__init__(name, module, clock)
+        if overrides_forward(module, self.kernel):
+            # A subclass's forward: watch the kernel's own call inside it (`super().forward(...)`), whose input,
+            # hx and output are nn.LSTM's, rather than the outer call's arguments and return (hooks.py).
+            self._inner = threading.local()
+            self.handles.append(KernelCallHook(module, self.kernel, self._on_kernel_call))
+
+    def _on_kernel_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        """nn.LSTM.forward called from inside the module's own forward: what the kernel received and returned."""
+        if self._inner is not None:
+            self._inner.seen = True  # the outer call's hook then has nothing to add
+        super()._hook(module, args, kwargs, output)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        inner = self._inner
+        if inner is not None and getattr(inner, "seen", False):  # the kernel's own call was seen inside it
+            inner.seen = False
+            return
+        super()._hook(module, args, kwargs, output)  # a plain nn.LSTM, or a forward that never reached the kernel
 
     def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         x = read_input(self.module, args, kwargs)
@@ -149,6 +175,7 @@ class LSTMProbe(RNNProbe):
 
     kind = "lstm"
     cell = recurrence.LSTM
+    kernel = nn.LSTM
 
 
 class GRUProbe(RNNProbe):
@@ -156,3 +183,4 @@ class GRUProbe(RNNProbe):
 
     kind = "gru"
     cell = recurrence.GRU
+    kernel = nn.GRU
