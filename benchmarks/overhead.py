@@ -5,6 +5,7 @@
     python benchmarks/overhead.py --grid      # + how the cost grows with hidden size, length, layers, batch (+3 min)
     python benchmarks/overhead.py --only reference --aa   # the reference, and plain against plain: the noise floor
     python benchmarks/overhead.py --device cuda   # the same on a GPU: cuDNN's LSTM, each step timed to a synchronize
+    python benchmarks/overhead.py --only cell     # nn.LSTMCell(32, 256) stepped by hand over T=100, and its profile
 
 Reference workload: nn.LSTM(32, 256, num_layers=2, batch_first=True), a linear head on the last step,
 batch 64, 100 timesteps, Adam, 2 CPU threads. Every variant is a copy of one model with identical weights,
@@ -66,6 +67,21 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.lstm(x)[0][:, -1])  # (B, 1)
+
+
+class CellNet(nn.Module):
+    """An nn.LSTMCell stepped by hand over the sequence, and a linear head on the last h (layers is ignored)."""
+
+    def __init__(self, inp: int, hidden: int, layers: int = 1):
+        super().__init__()
+        self.cell = nn.LSTMCell(inp, hidden)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)  # (B, 1)
 
 
 @dataclass
@@ -249,9 +265,12 @@ def compare(plain: Variant, watched: Variant, rp, rw) -> Compare:
 # --- measurements
 
 
-def reference(cfg: Config, steps: int, block: int, from_step: int, attach=None, aa: bool = False) -> Compare:
-    """Plain against lstmwatch with default settings (or `attach`; aa: against a second plain copy), interleaved."""
-    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+def reference(cfg: Config, steps: int, block: int, from_step: int, attach=None, aa: bool = False,
+              net: type[nn.Module] = Net) -> Compare:
+    """Plain against lstmwatch with default settings (or `attach`; aa: against a second plain copy), interleaved.
+
+    net: the model class, Net (nn.LSTM) or CellNet (nn.LSTMCell stepped by hand)."""
+    base = net(cfg.inp, cfg.hidden, cfg.layers)
     data = make_data(cfg)
     plain = Variant("plain", base, data)
     watched = Variant("plain copy" if aa else "lstmwatch", base, data,
@@ -405,9 +424,10 @@ class HookProfile:
         self.saved = []
 
 
-def hook_profile(cfg: Config, steady_steps: int, log_steps: int) -> tuple[list[dict], float]:
+def hook_profile(cfg: Config, steady_steps: int, log_steps: int,
+                 net: type[nn.Module] = Net) -> tuple[list[dict], float]:
     """Inclusive ms per step in each lstmwatch function, on non-logging and on logging steps."""
-    base = Net(cfg.inp, cfg.hidden, cfg.layers)
+    base = net(cfg.inp, cfg.hidden, cfg.layers)
     data = make_data(cfg)
     prof = HookProfile().install()
     try:
@@ -430,7 +450,9 @@ def hook_profile(cfg: Config, steady_steps: int, log_steps: int) -> tuple[list[d
         (t0, c0), (t1, c1) = prof.acc.get((k, False), (0.0, 0)), prof.acc.get((k, True), (0.0, 0))
         if c0 or c1:
             rows.append({"fn": k, "steady": 1e3 * t0 / steady_steps, "steady_calls": c0 / steady_steps,
-                         "log": 1e3 * t1 / log_steps, "log_calls": c1 / log_steps})
+                         "steady_us": 1e6 * t0 / c0 if c0 else math.nan,
+                         "log": 1e3 * t1 / log_steps, "log_calls": c1 / log_steps,
+                         "log_us": 1e6 * t1 / c1 if c1 else math.nan})
     return rows, 1e3 * statistics.median(p.wall)
 
 
@@ -514,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="leave out the per-function profile")
     ap.add_argument("--aa", action="store_true",
                     help="also run the reference protocol plain against plain: the method's noise floor")
-    ap.add_argument("--only", help="comma-separated sections to run: reference,compare,batch,profile,grid")
+    ap.add_argument("--only", help="comma-separated sections to run: reference,compare,batch,profile,grid,cell "
+                                   "(cell: an nn.LSTMCell stepped by hand, plain against watched, and its profile; "
+                                   "only with --only)")
     ap.add_argument("--hidden", type=int, default=256, help="reference hidden size (default 256)")
     ap.add_argument("--seq", type=int, default=100, help="reference sequence length (default 100)")
     ap.add_argument("--layers", type=int, default=2, help="reference layers (default 2)")
@@ -523,12 +547,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only:
         only = set(args.only.split(","))
-        unknown = only - {"reference", "compare", "batch", "profile", "grid"}
+        unknown = only - {"reference", "compare", "batch", "profile", "grid", "cell"}
         if unknown:
             ap.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
         args.no_compare, args.no_profile = "compare" not in only, "profile" not in only
         args.grid = "grid" in only
-    run = (lambda name: name in only) if args.only else (lambda name: True)
+    run = (lambda name: name in only) if args.only else (lambda name: name != "cell")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -612,6 +636,30 @@ def main(argv: list[str] | None = None) -> int:
         print("\n(watched ms/step = steady step + (logging step - steady step) / 50; inside ratio = 1 + time in "
               "lstmwatch's code per step, so averaged, / plain step)\n")
 
+    cell_c = None
+    if run("cell"):
+        cell = ref.but(layers=1)
+        cell_label = f"nn.LSTMCell({cell.inp}, {cell.hidden}) stepped by hand, T={cell.seq} B={cell.batch}"
+        section(f"Cell: default settings (log_every=50, sample=8), {cell_label}")
+        cell_c = reference(cell, steps, args.block, args.from_step, net=CellNet)
+        print(table([compare_row(cell_c, f"lstmwatch, steps {args.from_step}-{args.from_step + steps - 1} "
+                                         f"({cell_c.logging_steps} logging)")], COMPARE_COLS))
+        print(f"\nsteady step {cell_c.steady_ratio:.3f} x plain; a logging step costs {cell_c.log_extra_ms:.1f} ms "
+              f"more than a plain step ({cell_c.log_extra_ms / (cell_c.plain_ms or 1):.2f} plain steps); inside "
+              f"lstmwatch: {cell_c.inside_steady_ms:.2f} ms per steady step, {cell_c.inside_log_ms:.1f} ms per "
+              f"logging step")
+        ins = ref_inside(cell_c)
+        verdict = "met" if ins <= 1.01 else ("missed (<= 1.05)" if ins <= 1.05 else "MISSED (> 1.05)")
+        print(f"target inside <= 1.01, never > 1.05: {verdict} ({ins:.3f})\n", flush=True)
+        prows, p_ms = hook_profile(cell, 10 if quick else 30, 2 if quick else 5, net=CellNet)
+        section(f"Where the time goes, cell: inclusive ms per step and µs per call in lstmwatch's functions "
+                f"({cell_label}, plain step {p_ms:.1f} ms)")
+        print(table(prows, [("function", "fn", "s"), ("steady step ms", "steady", ".3f"),
+                            ("calls", "steady_calls", ".0f"), ("µs/call", "steady_us", ".1f"),
+                            ("logging step ms", "log", ".2f"), ("calls ", "log_calls", ".0f"),
+                            ("µs/call ", "log_us", ".1f")]))
+        print(flush=True)
+
     busy = other.cores()
     note = "" if busy is None else f"; other programs kept {busy:.2f} of {os.cpu_count()} cores busy meanwhile"
     if busy is not None and busy > 0.1:
@@ -620,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     if ref_c is not None:
         print(f"overhead: reference ratio={ref_c.ratio:.3f} (cpu {ref_c.cpu:.3f}, median round "
               f"{ref_c.median_round:.3f}, long run {ref_c.long_run:.3f}, inside {ref_inside(ref_c):.3f})")
+    if cell_c is not None:
+        print(f"overhead: cell ratio={cell_c.ratio:.3f} (cpu {cell_c.cpu:.3f}, median round "
+              f"{cell_c.median_round:.3f}, long run {cell_c.long_run:.3f}, inside {ref_inside(cell_c):.3f})")
     return 0
 
 
