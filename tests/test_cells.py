@@ -114,3 +114,26 @@ def test_cell_gate_statistics_match_the_reference(cell):
     assert len(expected) == (16 if cell is nn.LSTMCell else 10)
     for (group, stat), v in expected.items():
         assert rec.stats[f"cell/l0/{group}/{stat}"] == pytest.approx(v.item(), rel=1e-9, abs=1e-12), (group, stat)
+
+
+def test_a_nan_in_one_call_of_a_cell_is_dated_to_its_step():
+    # The calls' inputs are summed over the step and checked once: a NaN in one timestep of step 7 (not a
+    # logging step) is dated 7, and the steps before stay clean.
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(3, 5)
+    w = lstmwatch.watch(cell, log_every=5, console=False)
+    for step in range(1, 11):
+        h = c = torch.zeros(4, 5)
+        loss = torch.zeros(())
+        for t in range(6):
+            x = torch.randn(4, 3)
+            if step == 7 and t == 3:
+                x[1, 2] = float("nan")
+            h, c = cell(x, (h, c))
+            loss = loss + h.pow(2).mean()
+        loss.backward()
+        rec = w.step(loss)
+        if step == 5:
+            assert "lstmcell/nonfinite/data" not in rec.stats
+    assert rec.stats["lstmcell/nonfinite/data"] == 7
+    w.close()

@@ -163,15 +163,19 @@ def _call(m, b):
     return m(*b) if isinstance(b, tuple) else m(b)
 
 
+def _train_watched(model, data):
+    watcher = lstmwatch.watch(model, log_every=1, sample=B, console=False)
+    train(model, data, _call, watcher=watcher)
+    watcher.close()
+    return model, watcher
+
+
 def _watched(build, data):
     torch.manual_seed(SEED)
     model = build()
     with warnings.catch_warnings():
         warnings.simplefilter("error", lstmwatch.LSTMWatchFailure)
-        watcher = lstmwatch.watch(model, log_every=1, sample=B, console=False)
-        train(model, data, _call, watcher=watcher)
-        watcher.close()
-    return model, watcher
+        return _train_watched(model, data)
 
 
 def _module_view(record):
@@ -268,16 +272,24 @@ def test_unwatched_subclass_next_to_a_watched_one_is_untouched():
 
 def test_two_threads_each_with_a_watched_subclass():
     build, build_twin, data = CASES["packing"]
-    results = {}
+    results, errors = {}, []
+    models = []
+    for _ in range(2):  # built here: the global RNG is shared by threads, a draw in one would shift the other's
+        torch.manual_seed(SEED)
+        models.append(build())
 
     def run(k):
-        results[k] = _watched(build, data)
+        try:
+            results[k] = _train_watched(models[k], data)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     twin, wt = _watched(build_twin, data)
     for model, w in results.values():
         assert_params_equal(model, twin)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import keys, recurrence, stats
 from ..gates import weights
 from ..schedule import Clock
-from .base import GATES_SITE, Probe, gate_items, gtt_items, recomputing
+from .base import DATA_SITE, GATES_SITE, Probe, gate_items, gtt_items, recomputing
 from .capture import sample_rows
 
 
@@ -28,6 +28,9 @@ class CellProbe(Probe):
 
     def __init__(self, name: str, module: nn.Module, clock: Clock):
         super().__init__(name, module, clock)
+        # The step's calls' inputs summed on the device, dated once per step: a cell runs once per timestep,
+        # and one reduction per call plus one check per step is what keeps its steady steps cheap.
+        self._data_sum: Tensor | None = None
         self._calls: list[tuple[Tensor, Tensor, Tensor | None]] = []  # (x (S, F), h (S, H), c (S, H) or None)
         self._hgrads: list[Tensor | None] = []  # dL/dh_t (S, H) per call
         self._rows: Tensor | None = None  # (S,) the sampled rows, on the device
@@ -86,8 +89,26 @@ class CellProbe(Probe):
         super()._drop()
         self._calls, self._hgrads = [], []
 
+    def _mark_data(self, x: Tensor) -> None:
+        """Add a call's input to the step's running sum: a NaN or Inf anywhere makes it non-finite."""
+        if x.is_floating_point():
+            s = x.detach().sum(dtype=torch.float32)
+            self._data_sum = s if self._data_sum is None else self._data_sum.add_(s)
+
+    def _date_data(self) -> None:
+        """Date a NaN or Inf in this step's inputs, once for all its calls."""
+        if self._data_sum is not None:
+            self._mark(DATA_SITE, torch.isfinite(self._data_sum))
+            self._data_sum = None
+
+    def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """As every probe's, with this step's inputs dated first."""
+        self._date_data()
+        return super().collect(step)
+
     def end_step(self) -> None:
         """Forget what this step captured."""
+        self._date_data()
         super().end_step()
         self._calls, self._hgrads, self._rows, self._recomputed = [], [], None, False
 
