@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 import math
 import numbers
 import sys
@@ -77,7 +78,9 @@ def find_scaler(depth: int = 3) -> Any | None:
                 if found is not None:
                     break
         finally:
-            if sys.version_info < (3, 13) and snapshot is not frame.f_globals:
+            # Only a function's f_locals is a copy of its variables: a module's, a class body's or exec()'s
+            # is the namespace itself, and emptying it would delete the user's variables.
+            if sys.version_info < (3, 13) and frame.f_code.co_flags & inspect.CO_OPTIMIZED:
                 snapshot.clear()  # the frame's copy, refilled on the next locals() call; its variables stay
         frame = frame.f_back
     return found
@@ -427,19 +430,19 @@ class Watcher:
         parameters lent by torch.func.functional_call): not faults of the model, and not lstmwatch's."""
         for p in self.probes:
             for kind, message in p.take_notes():
-                key = (id(p), f"note:{kind}")
-                if key not in self._reported:
-                    self._reported.add(key)
-                    warnings.warn(f"lstmwatch: {message}", LSTMWatchFailure, stacklevel=user_stacklevel())
+                self._say_once((id(p), f"note:{kind}"), message)
 
     def _report(self, obj: Any, what: str, exc: Exception, consequence: str) -> None:
         """Say once per object and kind of failure what lstmwatch could not do; training goes on."""
-        key = (id(obj), type(exc).__name__)
+        self._say_once((id(obj), type(exc).__name__),
+                       f"{what} failed, {consequence}: {type(exc).__name__}: {str(exc)[:300]}")
+
+    def _say_once(self, key: tuple[int, str], message: str) -> None:
+        """An LSTMWatchFailure at the user's line, the first time `key` comes up in this run."""
         if key in self._reported:
             return
         self._reported.add(key)
-        warnings.warn(f"lstmwatch: {what} failed, {consequence}: {type(exc).__name__}: {str(exc)[:300]}",
-                      LSTMWatchFailure, stacklevel=user_stacklevel())
+        warnings.warn(f"lstmwatch: {message}", LSTMWatchFailure, stacklevel=user_stacklevel())
 
 
 def watch(

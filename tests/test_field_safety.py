@@ -695,3 +695,17 @@ def test_load_of_a_200mb_line_is_refused_with_bounded_memory(header_line, tmp_pa
     if got["growth_mb"] >= 400:
         problems.append(f"memory grew by {got['growth_mb']:.0f} MB reading the log")
     assert not problems, "; ".join(problems)
+
+
+def test_scaler_search_keeps_an_exec_namespace_whole():
+    # A training loop run by exec() with its own locals dict (as some runners do): that dict is the namespace
+    # itself, not a copy, and must come out of the scaler search untouched.
+    model = Tagger()
+    ns = {"model": model, "lstmwatch": lstmwatch, "torch": torch, "x": batches(1)[0], "kept": 42}
+    code = ("w = lstmwatch.watch(model, console=False)\n"
+            "loss = model(x).pow(2).mean()\n"
+            "loss.backward()\n"
+            "w.step(loss)\n"
+            "w.close()\n")
+    exec(code, {"__builtins__": __builtins__}, ns)
+    assert ns["kept"] == 42 and "w" in ns and "loss" in ns
