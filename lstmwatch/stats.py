@@ -53,20 +53,21 @@ class Summer(NamedTuple):
     n: Tensor | int  # valid gate values of one gate: valid steps times H
     nh: Tensor | int  # valid hidden values: valid steps times P
     mask: Tensor | None  # (S, T) in the gates' dtype; None when every step is valid
+    dtype: torch.dtype  # the gates' dtype, in which sums (of bools too) and fractions come
 
     @staticmethod
     def of(act: Tensor, h: Tensor, mask: Tensor | None) -> Summer:
         """For gates act (S, T, G, H) and hidden states h (S, T, P); mask (S, T) bool or None."""
         if mask is None:
-            return Summer(act.shape[0] * act.shape[1] * act.shape[3], h.numel(), None)
+            return Summer(act.shape[0] * act.shape[1] * act.shape[3], h.numel(), None, act.dtype)
         m = mask.to(act.dtype)
-        return Summer(m.sum() * act.shape[3], m.sum() * h.shape[2], m)
+        return Summer(m.sum() * act.shape[3], m.sum() * h.shape[2], m, act.dtype)
 
     def total(self, x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
         """The sum of x (S, T, ...) over its valid steps (a bool tensor sums to its count), over dims or all."""
         if self.mask is not None:
             x = x * self.mask.view(*self.mask.shape, *([1] * (x.dim() - 2)))
-        return x.sum(dims) if dims is not None else x.sum()
+        return x.sum(dims, dtype=self.dtype) if dims is not None else x.sum(dtype=self.dtype)
 
 
 def gate_stats(act: Tensor, h: Tensor, mask: Tensor | None, gates: tuple[str, ...], tanh: int,

@@ -25,6 +25,7 @@ from .interfaces import Detector, Header, ModuleInfo, Sink, Summary
 from .probes import Probe, probe_for
 from .record import Record
 from .schedule import Clock, Schedule
+from .tape import Tape
 
 if TYPE_CHECKING:
     from .run import Run
@@ -129,6 +130,9 @@ def _check_args(*, sample: Any, scaler: Any, modules: Any, max_records: Any, max
                         f"callable, got {modules!r}")
 
 
+_WIDE = (torch.float32, torch.float64)  # loss dtypes kept as they are; others widen to float32 (integers: float64)
+
+
 def _scalar(x: Any, name: str, refused: list[TypeError]) -> Tensor | None:
     """A loss as a 0-d tensor of at least float32 precision (float64 stays float64), or None; a value that is
     not a scalar is noted in `refused` and read as None."""
@@ -136,8 +140,10 @@ def _scalar(x: Any, name: str, refused: list[TypeError]) -> Tensor | None:
         return None
     if isinstance(x, Tensor):
         if x.numel() == 1:
-            t = x.detach().reshape(())
-            return t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t.double()
+            t = x.detach() if x.requires_grad else x
+            t = t.reshape(()) if t.dim() else t
+            return t if t.dtype in _WIDE else \
+                t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t.double()
         refused.append(TypeError(f"{name} must be a scalar (a 0-d tensor or a number), got a tensor of shape "
                                  f"{tuple(x.shape)}: pass the reduced value, e.g. `{name}.mean()`"))
         return None
@@ -192,10 +198,7 @@ class Watcher:
         self.records: deque[Record] = deque(maxlen=max_records)
         self.events = EventLog(max_events)  # the first of each kind and module, then the latest
         self.closed = False
-        self._loss_sum: Tensor | None = None
-        self._loss_n = 0
-        self._loss_last: Tensor | None = None
-        self._loss_bad: Tensor | None = None
+        self._losses = Tape()  # the loss of each step
         self._failed: set[int] = set()  # ids of detectors and sinks switched off after a failure
         self._reported: set[tuple[int, str]] = set()  # (id, what) of failures already reported once
         # What the run is, built once: sinks get it, never the watcher.
@@ -247,7 +250,7 @@ class Watcher:
                     for p in self.probes:
                         p.adopt_scaler(scaler)
             if loss_t is not None:
-                self._add_loss(loss_t, s)
+                self._losses.add(loss_t, s)
             if self.clock.logging or val_t is not None:
                 record = self._log(s, val_t)
         except LSTMWatchWarning:
@@ -311,13 +314,11 @@ class Watcher:
     def state_dict(self) -> dict[str, Any]:
         """What a run resumed from a checkpoint needs to go on where this one stopped, as plain values: the step,
         the loss since the last record, the events so far and every detector's trends, streaks and latches."""
-        loss_sum = float(self._loss_sum) if self._loss_sum is not None else None  # a sync: checkpoints only
-        bad = float(self._loss_bad) if self._loss_bad is not None else None
         return {
             "step": self.clock.step,
             # The sampler's state: a resumed run samples the rows the uninterrupted run would have.
             "generator": self.clock.generator.get_state().tolist() if self.clock.generator is not None else None,
-            "loss": {"sum": loss_sum, "n": self._loss_n, "first_nonfinite": bad},
+            "loss": self._losses.state(),  # reads the device: checkpoints only
             "events": [dataclasses.asdict(e) for e in self.events],
             "detectors": self.detectors.state_dict(),
         }
@@ -328,11 +329,7 @@ class Watcher:
         self.clock.seek(int(state["step"]))
         if state.get("generator") is not None and self.clock.generator is not None:
             self.clock.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        loss = state.get("loss", {})
-        self._loss_sum = torch.tensor(loss["sum"]) if loss.get("sum") is not None else None
-        self._loss_n = int(loss.get("n", 0))
-        self._loss_bad = torch.tensor(loss["first_nonfinite"]) if loss.get("first_nonfinite") is not None else None
-        self._loss_last = self._loss_sum / self._loss_n if self._loss_sum is not None and self._loss_n else None
+        self._losses.load(state.get("loss", {}))
         self.events.clear()
         self.events.extend(Event(**e) for e in state.get("events", []))
 
@@ -352,13 +349,6 @@ class Watcher:
             pass
 
     # --- internals
-    def _add_loss(self, t: Tensor, s: int) -> None:
-        self._loss_sum = t if self._loss_sum is None else self._loss_sum + t
-        self._loss_n += 1
-        self._loss_last = t
-        bad = self._loss_bad if self._loss_bad is not None else torch.full((), math.inf, device=t.device)
-        self._loss_bad = stats.first_nonfinite(bad, torch.isfinite(t), s)
-
     def _log(self, s: int, val_loss: Tensor | None) -> Record:
         items: dict[str, Tensor] = {}
         host: dict[str, float] = {}
@@ -372,10 +362,12 @@ class Watcher:
         if norms:
             dev = norms[0].device
             items[keys.GRAD_NORM] = torch.stack([n.to(dev) for n in norms]).pow(2).sum().sqrt()
-        if self._loss_last is not None and self._loss_sum is not None and self._loss_bad is not None:
-            items[keys.LOSS] = self._loss_last
-            items[keys.LOSS_MEAN] = self._loss_sum / self._loss_n
-            items[keys.NONFINITE_LOSS] = self._loss_bad
+        tape = self._losses
+        tape.fold()
+        if tape.last is not None and tape.sum is not None and tape.first_bad is not None:
+            items[keys.LOSS] = tape.last
+            items[keys.LOSS_MEAN] = tape.sum / tape.n
+            items[keys.NONFINITE_LOSS] = tape.first_bad
         if val_loss is not None:
             items[keys.VAL_LOSS] = val_loss
         values, curves = stats.to_host(items)
@@ -385,7 +377,7 @@ class Watcher:
         values = {sys.intern(k): v for k, v in values.items()
                   if not (v == math.inf and keys.combine_of(k) is keys.Combine.FIRST)}
         curves = {sys.intern(k): c for k, c in curves.items()}
-        self._loss_sum, self._loss_n = None, 0
+        tape.restart()
         record = Record(step=s, loss=values.get(keys.LOSS), stats=values, curves=curves,
                         val_loss=values.get(keys.VAL_LOSS), modules=tuple(self.modules))
         self.records.append(record)

@@ -32,20 +32,33 @@ class Unrolled(nn.Module):
 
 
 @pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell])
-def test_cell_gates_and_gradient_through_time(cell):
+@pytest.mark.parametrize("batch,sample", [(5, 5), (12, 4)])
+def test_cell_gates_and_gradient_through_time(cell, batch: int, sample: int, monkeypatch):
+    from lstmwatch.probes import cell as cell_probes
+
+    windows: list[slice] = []  # the rows each logging step sampled: the reference reads the same ones
+    draw = cell_probes.sample_window
+
+    def recorded(b, clock):
+        windows.append(draw(b, clock))
+        return windows[-1]
+
+    monkeypatch.setattr(cell_probes, "sample_window", recorded)
     torch.manual_seed(0)
     model = Unrolled(cell(3, 6)).double()
-    x = torch.randn(5, 7, 3, dtype=torch.float64)
-    with lstmwatch.watch(model, log_every=1, sample=5, console=False) as w:
+    x = torch.randn(batch, 7, 3, dtype=torch.float64)
+    with lstmwatch.watch(model, log_every=1, sample=sample, console=False) as w:
         loss = model(x).pow(2).mean()
         loss.backward()
         rec = w.step(loss)
     assert w.modules == ["cell"]
-    ref = torch.stack([h.grad.norm() for h in model.hs]).tolist()  # dL/dh_t, total derivative
+    (rows,) = windows
+    assert rows.stop - rows.start == sample
+    ref = torch.stack([h.grad[rows].norm() for h in model.hs]).tolist()  # dL/dh_t, total derivative
     assert rec.curves["cell/gtt"] == pytest.approx(ref, rel=1e-6)
     assert rec.stats["cell/gtt/ratio"] == pytest.approx(ref[0] / ref[-1], rel=1e-6)
     # Gate statistics from the module's own hidden states: h is the cell's real output.
-    hs = torch.stack([h.detach() for h in model.hs], 1)
+    hs = torch.stack([h.detach()[rows] for h in model.hs], 1)
     assert rec.stats["cell/l0/h/absmean"] == pytest.approx(hs.abs().mean().item(), rel=1e-6)
     assert rec.stats["cell/l0/h/sat"] == pytest.approx((hs.abs() > 0.9).double().mean().item())
     grads = dict(model.cell.named_parameters())
@@ -116,20 +129,33 @@ def test_cell_gate_statistics_match_the_reference(cell):
         assert rec.stats[f"cell/l0/{group}/{stat}"] == pytest.approx(v.item(), rel=1e-9, abs=1e-12), (group, stat)
 
 
-def test_a_nan_in_one_call_of_a_cell_is_dated_to_its_step():
-    # The calls' inputs are summed over the step and checked once: a NaN in one timestep of step 7 (not a
-    # logging step) is dated 7, and the steps before stay clean.
+@pytest.mark.parametrize("calls,bad_call,batches,views", [
+    (6, 3, (4,), False),  # one reduction at the end of the step
+    (300, 2, (4,), False),  # more calls than CellProbe.data_batch: the first inputs are reduced mid-step
+    (300, 299, (4,), False),  # ... and the NaN is in the last, reduced at the end of the step
+    (6, 5, (4, 3), False),  # inputs of different shapes: summed one by one
+    (6, 3, (4,), True),  # x[:, t] of one tensor per step: that tensor summed once
+    (300, 2, (4,), True),
+])
+def test_a_nan_in_one_call_of_a_cell_is_dated_to_its_step(calls: int, bad_call: int, batches: tuple[int, ...],
+                                                          views: bool):
+    # The calls' inputs are checked together: a NaN in one timestep of step 7 (not a logging step) is dated 7,
+    # and the steps before stay clean.
     torch.manual_seed(0)
     cell = nn.LSTMCell(3, 5)
     w = lstmwatch.watch(cell, log_every=5, console=False)
     for step in range(1, 11):
-        h = c = torch.zeros(4, 5)
         loss = torch.zeros(())
-        for t in range(6):
-            x = torch.randn(4, 3)
-            if step == 7 and t == 3:
+        state = {b: (torch.zeros(b, 5), torch.zeros(b, 5)) for b in batches}
+        seq = torch.randn(batches[0], calls, 3)
+        if step == 7:
+            seq[1, bad_call, 2] = float("nan")
+        for t in range(calls):
+            b = batches[t % len(batches)]
+            x = seq[:, t] if views else torch.randn(b, 3)
+            if step == 7 and t == bad_call and not views:
                 x[1, 2] = float("nan")
-            h, c = cell(x, (h, c))
+            h, c = state[b] = cell(x, state[b])
             loss = loss + h.pow(2).mean()
         loss.backward()
         rec = w.step(loss)
@@ -137,3 +163,23 @@ def test_a_nan_in_one_call_of_a_cell_is_dated_to_its_step():
             assert "lstmcell/nonfinite/data" not in rec.stats
     assert rec.stats["lstmcell/nonfinite/data"] == 7
     w.close()
+
+
+def test_a_nan_in_rows_of_the_dataset_no_batch_uses_is_not_the_inputs():
+    # Batches sliced from one big tensor are views of it: that tensor is not summed in their place (it is far
+    # larger than a step's inputs), so a NaN in rows never fed to the cell is not reported as one in the data.
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(3, 5)
+    data = torch.randn(400, 6, 3)
+    data[-1, 2, 1] = float("nan")  # never in a batch
+    w = lstmwatch.watch(cell, log_every=4, console=False)
+    for step in range(8):
+        batch = data[4 * step:4 * step + 4]
+        h = c = torch.zeros(4, 5)
+        for t in range(6):
+            h, c = cell(batch[:, t], (h, c))
+        h.pow(2).mean().backward()
+        rec = w.step(1.0)
+    w.close()
+    assert rec is not None and rec.step == 8
+    assert "lstmcell/nonfinite/data" not in rec.stats

@@ -292,7 +292,7 @@ def _inject(where: str, cell: bool, watcher, mp: pytest.MonkeyPatch) -> str:
         mp.setattr(stats, "sumsq_blocks", _boom)
         return "gradient hook of "
     if where == "forward":
-        mp.setattr(cell_probes if cell else rnn, "sample_rows" if cell else "capture", _boom)
+        mp.setattr(cell_probes if cell else rnn, "sample_window" if cell else "capture", _boom)
         return "forward hook"
     if cell:  # the cell probe's hook on each call's output
         mp.setattr(_probe(watcher, "rnn"), "_hgrads", _Exploding())

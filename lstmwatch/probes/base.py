@@ -8,6 +8,7 @@ captured in that step is dropped (its NaN/Inf dates stay).
 from __future__ import annotations
 
 import math
+import operator
 import os
 import traceback
 from functools import partial
@@ -21,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import keys, recurrence, stats
 from ..interfaces import ModuleInfo
 from ..schedule import Clock
+from ..tape import Tape
 from .hooks import ForwardHookHandle, KernelCallHook
 
 # What describe() reports of a module, when it has it.
@@ -28,6 +30,7 @@ _CONFIG = ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_fi
 
 DATA_SITE, GATES_SITE = "data", "gates"  # non-finite sites of the input and of the recomputed gates (keys.SITES)
 MAX_FAILURES = 8  # hook failures kept until the Watcher takes them; later ones are dropped
+MAX_SITE_SETS = 16  # distinct sets of sites dated together (`Probe._date_sums`); beyond, each site on its own
 IDLE_RECORDS = 3  # logging records in a row without a training forward before the probe says its module did not run
 
 
@@ -58,6 +61,12 @@ def _failure(what: str, exc: Exception) -> tuple[str, Exception]:
     return what, exc
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a NaN/Inf check sums in: float32 at least, float64 kept (a float32 sum of large float64 values
+    would overflow to Inf and read as a fault)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def is_scaled(scaler: Any) -> bool:
     """Whether a GradScaler is on and has scaled this step's gradients."""
     return scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled()
@@ -81,6 +90,10 @@ class Probe:
         self._grad_handles: list[RemovableHandle] = []
         self._gsq: dict[str, Tensor] = {}  # param -> (blocks,) squared norms of its accumulated gradient
         self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
+        # This step's sums per site (input, gradients), written together at its end as one row of a Tape: two
+        # device operations per step whatever the number of sites, where dating each at once cost six per site.
+        self._sums: dict[str, Tensor] = {}
+        self._tapes: dict[tuple[str, ...], Tape] = {}  # sorted sites -> the tape of their sums
         self._weights: dict[str, Tensor] | None = None  # a logging step's parameters, before the optimizer step
         self._forward_weights: dict[str, Tensor] = {}  # the weights its forward read, by the names forward reads
         self._dropped = False  # a hook failed in this step: its statistics are dropped
@@ -121,7 +134,7 @@ class Probe:
     def _bound(self) -> bool:
         """Whether the module holds the parameters bound: a few pointer comparisons, nothing on the device."""
         live, own = self.module._parameters, self._own
-        return len(live) == len(own) and all(a is b for a, b in zip(live.values(), own))
+        return len(live) == len(own) and all(map(operator.is_, live.values(), own))
 
     def _check_params(self) -> None:
         """A training forward: measure the parameters it runs with, if they are not those bound."""
@@ -197,6 +210,40 @@ class Probe:
             first = torch.full((), math.inf, device=finite.device)
         self._first_bad[site] = stats.first_nonfinite(first, finite, self.clock.step)
 
+    def _mark_sum(self, site: str, total: Tensor) -> None:
+        """Keep a 0-d sum of what a site showed this step (NaN or Inf anywhere makes it so), for `_date_sums`."""
+        prev = self._sums.get(site)
+        self._sums[site] = total if prev is None else prev + total
+
+    def _date_sums(self) -> None:
+        """Write this step's sums, every site at once, to the tape of that set of sites."""
+        if not self._sums:
+            return
+        sums, self._sums = self._sums, {}
+        sites = tuple(sorted(sums))
+        tape = self._tapes.get(sites)
+        if tape is None:
+            if len(self._tapes) >= MAX_SITE_SETS:  # sets that change every step: each site dated on its own
+                for site in sites:
+                    self._mark(site, torch.isfinite(sums[site]))
+                return
+            tape = self._tapes[sites] = Tape()
+        dev = sums[sites[0]].device
+        tape.add(torch.stack([v if v.device == dev else v.to(dev) for v in map(sums.__getitem__, sites)]),
+                 self.clock.step)
+
+    def _firsts(self) -> dict[str, Tensor]:
+        """Every site's first non-finite step (0-d, +inf if none), from `_mark`'s and the tapes'."""
+        out = dict(self._first_bad)
+        for sites, tape in self._tapes.items():
+            tape.fold()
+            if tape.first_bad is None:
+                continue
+            for k, site in enumerate(sites):
+                prev, first = out.get(site), tape.first_bad[k]
+                out[site] = first if prev is None else torch.minimum(prev, first.to(prev.device))
+        return out
+
     def _fail(self, what: str, exc: Exception) -> None:
         """A hook failed: keep the failure for the Watcher, drop what this step captured. Training goes on."""
         if len(self.failures) < MAX_FAILURES:
@@ -240,7 +287,7 @@ class Probe:
     def _mark_data(self, x: Tensor) -> None:
         """Watch a forward's input for NaN/Inf with one reduction: a NaN or Inf anywhere makes the sum non-finite."""
         if x.is_floating_point():
-            self._mark(DATA_SITE, torch.isfinite(x.detach().sum(dtype=torch.float32)))
+            self._mark_sum(DATA_SITE, x.detach().sum(dtype=wide(x.dtype)))
 
     def _on_grad(self, pname: str, p: Tensor) -> None:
         """A parameter's gradient, accumulated: NaN/Inf watch, and on a logging step its block norms."""
@@ -252,7 +299,8 @@ class Probe:
             if not self.clock.logging:
                 # Outside logging steps only watch for NaN/Inf, with one reduction (the scaler's Infs are its own).
                 if not scaled:
-                    self._mark(grad_site(pname), torch.isfinite(p.grad.detach().sum(dtype=torch.float32)))
+                    g = p.grad.detach() if p.grad.requires_grad else p.grad  # create_graph: keep the sum off it
+                    self._mark_sum(grad_site(pname), g.sum(dtype=wide(g.dtype)))
                 return
             sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
             if scaled:
@@ -263,7 +311,7 @@ class Probe:
                 self._gsq[pname] = torch.where(torch.isfinite(sq), sq / scale2, torch.nan)
                 return
             self._gsq[pname] = sq
-            self._mark(grad_site(pname), torch.isfinite(sq.sum()))
+            self._mark_sum(grad_site(pname), sq.sum())
         except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
             self._fail(f"gradient hook of {pname}", exc)
 
@@ -272,11 +320,18 @@ class Probe:
         scale2 = scaler._scale.float().pow(2)
         self._gsq = {k: torch.where(torch.isfinite(v), v / scale2.to(v.device), torch.nan)
                      for k, v in self._gsq.items()}
-        self._first_bad = {k: v for k, v in self._first_bad.items() if not k.startswith(grad_site(""))}
+        theirs = grad_site("")
+        self._first_bad = {k: v for k, v in self._first_bad.items() if not k.startswith(theirs)}
+        self._sums = {k: v for k, v in self._sums.items() if not k.startswith(theirs)}
+        for site, first in self._firsts().items():  # the tapes' dates of other sites, kept
+            if not site.startswith(theirs):
+                self._first_bad[site] = first
+        self._tapes = {}
 
     # --- the logging step
     def end_step(self) -> None:
-        """Forget what this step captured."""
+        """Forget what this step captured (its NaN/Inf dated first)."""
+        self._date_sums()
         self._settle()
         self._gsq = {}
         self._weights, self._forward_weights = None, {}
@@ -294,6 +349,7 @@ class Probe:
         """
         items: dict[str, Tensor] = {}
         host: dict[str, float] = {}
+        self._date_sums()
         self._settle()
         if self.clock.logging:
             self._count_idle()
@@ -306,7 +362,7 @@ class Probe:
         if self._weights is not None and kept:
             items.update(self._update_ratio(self._weights))
             items.update(self._internals(step))
-        for site, first in self._first_bad.items():
+        for site, first in self._firsts().items():
             items[keys.nonfinite_key(self.name, site)] = first
         return items, host
 

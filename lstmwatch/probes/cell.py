@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from .. import keys, recurrence, stats
 from ..gates import weights
 from ..schedule import Clock
-from .base import DATA_SITE, GATES_SITE, Probe, gate_items, gtt_items, recomputing
-from .capture import sample_rows
+from .base import DATA_SITE, GATES_SITE, Probe, gate_items, gtt_items, recomputing, wide
 
 
 class CellProbe(Probe):
@@ -25,17 +24,34 @@ class CellProbe(Probe):
 
     module: nn.RNNCellBase
     max_calls = 10_000  # timesteps kept per logging step, to bound memory
+    data_batch = 256  # inputs held for the NaN/Inf check before they are reduced
 
     def __init__(self, name: str, module: nn.Module, clock: Clock):
         super().__init__(name, module, clock)
-        # The step's calls' inputs summed on the device, dated once per step: a cell runs once per timestep,
-        # and one reduction per call plus one check per step is what keeps its steady steps cheap.
-        self._data_sum: Tensor | None = None
+        # The step's calls' inputs, checked for NaN/Inf in one reduction per step (or per `data_batch` calls): a
+        # cell runs once per timestep, and a reduction per call would cost more than the cell's own step.
+        self._inputs: list[Tensor] = []
+        self._data_base: Tensor | None = None  # the tensor this step's inputs are views of (`_mark_data`)
+        self._n_inputs = self._last_inputs = 0  # inputs noted in this step, in the previous one
         self._calls: list[tuple[Tensor, Tensor, Tensor | None]] = []  # (x (S, F), h (S, H), c (S, H) or None)
         self._hgrads: list[Tensor | None] = []  # dL/dh_t (S, H) per call
-        self._rows: Tensor | None = None  # (S,) the sampled rows, on the device
+        self._rows: slice | None = None  # the sampled rows: a window of the batch (a view per call, no copy)
         self._batch = 0  # batch size of the step's first call, to notice a batch that changes size
         self._recomputed = False  # whether the step's calls were captured inside a backward (reentrant checkpoint)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        # A later call of a steady step, the common case (a cell runs once per timestep): the input kept for the
+        # step's NaN/Inf check and the parameters compared by pointer, in a few microseconds; else the full path.
+        try:
+            if self._ran and not self.clock.logging and torch.is_grad_enabled() and self._bound():
+                x = args[0] if args else kwargs.get("input")
+                if isinstance(x, Tensor) and x.is_floating_point():
+                    self._mark_data(x)
+                return
+        except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
+            self._fail("forward hook", exc)
+            return
+        super()._hook(module, args, kwargs, output)
 
     def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         m = self.module
@@ -58,7 +74,7 @@ class CellProbe(Probe):
             return
         if self._rows is None:
             self._batch = x.shape[0]
-            self._rows = sample_rows(self._batch, self.clock).to(x.device, non_blocking=True)
+            self._rows = sample_window(self._batch, self.clock)
         if x.shape[0] != self._batch:  # the batch changed size between calls: stop capturing
             return
         lstm = isinstance(m, nn.LSTMCell)
@@ -67,9 +83,11 @@ class CellProbe(Probe):
         given = _shaped(hx, shape, 2 if lstm else 1)  # another shape counts as absent: zeros
         h_out = _shaped(output, shape, 2 if lstm else 1)  # the module's own output, or None
         rows = self._rows
+        # Views of the call's tensors (autograd keeps them for its backward anyway), stacked at collect.
         state = [(s.detach().unsqueeze(0) if unbatched else s.detach())[rows] for s in given] if given else None
-        zeros = x.new_zeros(len(rows), m.hidden_size)
-        self._calls.append((x[rows], state[0] if state else zeros, (state[1] if state else zeros) if lstm else None))
+        if state is None:
+            state = [x.new_zeros(rows.stop - rows.start, m.hidden_size)] * 2
+        self._calls.append((x[rows], state[0], state[1] if lstm else None))
         self._hgrads.append(None)
         self._recomputed = recomputed
         if h_out is not None and h_out[0].requires_grad:
@@ -90,25 +108,53 @@ class CellProbe(Probe):
         self._calls, self._hgrads = [], []
 
     def _mark_data(self, x: Tensor) -> None:
-        """Add a call's input to the step's running sum: a NaN or Inf anywhere makes it non-finite."""
-        if x.is_floating_point():
-            s = x.detach().sum(dtype=torch.float32)
-            self._data_sum = s if self._data_sum is None else self._data_sum.add_(s)
+        """Note a call's input for the step's NaN/Inf check, without a device operation.
 
-    def _date_data(self) -> None:
-        """Date a NaN or Inf in this step's inputs, once for all its calls."""
-        if self._data_sum is not None:
-            self._mark(DATA_SITE, torch.isfinite(self._data_sum))
-            self._data_sum = None
+        `cell(x[:, t], ...)` over t, the usual loop, passes views of one tensor: the step's first such view names
+        that tensor (`_data_base`), summed once at the end of the step, and its other views need nothing kept.
+        It qualifies when the previous step's calls together were at least half its size: never a whole
+        dataset the batches are sliced from. Other inputs are kept by reference (autograd holds them anyway).
+        """
+        self._n_inputs += 1
+        b = x._base
+        if b is not None:
+            if b is self._data_base:
+                return
+            if self._data_base is None and b.numel() <= 2 * x.numel() * self._last_inputs:
+                self._data_base = b
+                return
+        self._inputs.append(x)
+        if len(self._inputs) >= self.data_batch:  # a step of many calls, or step() never called: bound the refs
+            self._reduce_data(final=False)
+
+    def _reduce_data(self, final: bool = True) -> None:
+        """Sum the inputs noted, with one reduction, into the step's data sum: a NaN or Inf anywhere makes it so.
+        final: the step's end, its input tensor included."""
+        xs, self._inputs = self._inputs, []
+        parts = []
+        if final and self._data_base is not None:
+            base, self._data_base = self._data_base, None
+            parts.append(base.detach().sum(dtype=wide(base.dtype)))
+        if xs:
+            dtype = wide(xs[0].dtype)
+            with torch.no_grad():
+                if len(xs) > 1 and len({(t.shape, t.dtype, t.device) for t in xs}) == 1:
+                    parts.append(torch.stack(xs).sum(dtype=dtype))  # (calls, *input).sum(): one copy, one sum
+                else:
+                    parts.extend(t.sum(dtype=dtype) for t in xs)
+        if parts:
+            dev = parts[0].device
+            self._mark_sum(DATA_SITE, sum((t.to(dev) for t in parts[1:]), parts[0]))
 
     def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """As every probe's, with this step's inputs dated first."""
-        self._date_data()
+        """As every probe's, with this step's inputs summed first."""
+        self._reduce_data()
         return super().collect(step)
 
     def end_step(self) -> None:
         """Forget what this step captured."""
-        self._date_data()
+        self._reduce_data()
+        self._last_inputs, self._n_inputs = self._n_inputs, 0
         super().end_step()
         self._calls, self._hgrads, self._rows, self._recomputed = [], [], None, False
 
@@ -128,8 +174,7 @@ class CellProbe(Probe):
         lab = keys.layer_label(0)
         with torch.no_grad():
             layer = self.cell.step(p, x, h, c)
-            # The mask, though all valid: fractions then come in the gates' dtype (float64 for a float64 cell).
-            items.update(gate_items(n, lab, self.cell.stats(layer, mask)))
+            items.update(gate_items(n, lab, self.cell.stats(layer, None)))  # None: every step valid
         self._mark(GATES_SITE, torch.isfinite(layer.h).all())
         if any(g is not None for g in self._hgrads):
             zero = torch.zeros_like(h)[:, 0]
@@ -138,6 +183,17 @@ class CellProbe(Probe):
             items.update(gtt_items(n, None, tt))  # one layer: the module's is its own
             items.update(gtt_items(n, lab, tt))
         return items
+
+
+def sample_window(batch: int, clock: Clock) -> slice:
+    """clock.sample consecutive rows of a batch of `batch`, from a random start.
+
+    A window and not scattered rows: each of a step's calls then keeps views, where gathering rows cost three
+    device operations per call. Drawn with lstmwatch's own generator, so training's RNG is untouched.
+    """
+    n = min(clock.sample, batch)
+    start = int(torch.randint(batch - n + 1, (), generator=clock.generator))
+    return slice(start, start + n)
 
 
 def _shaped(v: Any, shape: tuple[int, ...], n: int) -> tuple[Tensor, ...] | None:
