@@ -39,6 +39,7 @@ class Header:
     python: str = field(default_factory=platform.python_version)
     pid: int = field(default_factory=os.getpid)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    world_size: int = 1  # processes of a torch.distributed job whose statistics the records combine
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -52,14 +53,15 @@ class Header:
         return d
 
     @classmethod
-    def of(cls, modules: Sequence[ModuleInfo], log_every: Any = None, sample: int | None = None) -> Header:
+    def of(cls, modules: Sequence[ModuleInfo], log_every: Any = None, sample: int | None = None,
+           world_size: int = 1) -> Header:
         """A header stamped with this lstmwatch's and torch's versions."""
         import torch
 
         from .version import __version__
 
         every = log_every if isinstance(log_every, int) and not isinstance(log_every, bool) else None
-        return cls(tuple(modules), every, sample, __version__, torch.__version__)
+        return cls(tuple(modules), every, sample, __version__, torch.__version__, world_size=world_size)
 
 
 @dataclass(frozen=True)

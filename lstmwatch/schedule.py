@@ -24,7 +24,7 @@ def schedule(log_every: int | Schedule) -> Schedule:
     return every
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a clock is one run's, kept in weak sets (amp.py)
 class Clock:
     """Where the run is: the step in progress and whether it is a logging step. Hooks read it; the Watcher
     moves it with `advance()`."""

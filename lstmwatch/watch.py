@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import inspect
 import math
 import numbers
 import sys
@@ -17,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from . import keys, stats
+from . import amp, keys, stats
 from .detectors import Detectors, default_detectors
+from .distributed import SHARDED, Ranks, combine, name_ranks, sharded, wait_s_from, world
 from .events import Event, EventLog, LSTMWatchFailure, LSTMWatchWarning
-from .frames import user_frame, user_stacklevel
+from .frames import user_stacklevel
 from .interfaces import Detector, Header, ModuleInfo, Sink, Summary
 from .probes import Probe, probe_for
 from .record import Record
@@ -56,37 +56,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def find_scaler(depth: int = 3) -> Any | None:
-    """An enabled GradScaler among the variables of the caller's frames (the training loop), if any.
-
-    Only the variables' types are read (`type(v)` runs no user code, unlike `isinstance`, which asks a
-    proxy's `__class__`); before Python 3.13 a function frame's f_locals is a snapshot that the frame keeps
-    alive until it returns, so it is emptied again after reading: the step-1 batch is not kept.
-    """
-    amp = getattr(torch, "amp", None)
-    cls = getattr(amp, "GradScaler", None)
-    if cls is None:
-        return None
-    frame = user_frame()[0]
-    found = None
-    for _ in range(depth):
-        if frame is None or found is not None:
-            break
-        snapshot = frame.f_locals
-        try:
-            for scope in (snapshot, frame.f_globals):
-                found = next((v for v in list(scope.values()) if issubclass(type(v), cls) and v.is_enabled()), None)
-                if found is not None:
-                    break
-        finally:
-            # Only a function's f_locals is a copy of its variables: a module's, a class body's or exec()'s
-            # is the namespace itself, and emptying it would delete the user's variables.
-            if sys.version_info < (3, 13) and frame.f_code.co_flags & inspect.CO_OPTIMIZED:
-                snapshot.clear()  # the frame's copy, refilled on the next locals() call; its variables stay
-        frame = frame.f_back
-    return found
-
-
 def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[str, nn.Module]]:
     """Every watchable module of a model, by qualified name, narrowed by `modules`."""
     if not isinstance(model, nn.Module):
@@ -99,6 +68,9 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
         kinds = sorted({type(m).__name__ for m in root.modules()})
         raise ValueError(f"no nn.LSTM, nn.GRU, nn.LSTMCell or nn.GRUCell found in {type(root).__name__}; "
                          f"it contains: {', '.join(kinds)}")
+    for name, m in found:
+        if sharded(m):
+            raise ValueError(SHARDED.format(name=name))
     if modules is None:
         return found
     if callable(modules):
@@ -178,11 +150,18 @@ class Watcher:
         max_records: int = 1_000,
         max_events: int = 1_000,
         seed: int = 0,
+        rank_timeout: float | None = None,
     ):
         _check_args(sample=sample, scaler=scaler, modules=modules, max_records=max_records, max_events=max_events)
         found = find_modules(model, modules)
+        # Under torch.distributed every rank measures; rank 0 combines and is the only one to report.
+        self.ranks = Ranks(wait_s_from(rank_timeout))
         self.log_every, self.sample = log_every, sample
         self.clock = Clock.start(log_every, sample, torch.Generator().manual_seed(seed), scaler)
+        if scaler is None:
+            # Mixed precision: hooks see gradients times the GradScaler's scale. The scaler that scales the
+            # loss, wherever it lives, becomes this clock's before the backward pass (amp.py).
+            amp.follow(self.clock)
         for _, m in found:
             prev = _open_watcher(m)
             if prev is not None and not prev.closed:
@@ -194,7 +173,7 @@ class Watcher:
             _OPEN[m] = weakref.ref(self)
         # One suite: the loss trend is computed once per record and shared by the detectors that read it.
         self.detectors = detectors if isinstance(detectors, Detectors) else Detectors(detectors or ())
-        self.sinks = list(sinks)
+        self.sinks = list(sinks) if self.ranks.leader else []
         self.records: deque[Record] = deque(maxlen=max_records)
         self.events = EventLog(max_events)  # the first of each kind and module, then the latest
         self.closed = False
@@ -202,7 +181,8 @@ class Watcher:
         self._failed: set[int] = set()  # ids of detectors and sinks switched off after a failure
         self._reported: set[tuple[int, str]] = set()  # (id, what) of failures already reported once
         # What the run is, built once: sinks get it, never the watcher.
-        self.header = Header.of([ModuleInfo(p.name, p.kind, p.describe()) for p in self.probes], log_every, sample)
+        self.header = Header.of([ModuleInfo(p.name, p.kind, p.describe()) for p in self.probes], log_every, sample,
+                                self.ranks.size)
         for s in self.sinks:
             self._call(s, "start", self.header)
 
@@ -241,14 +221,6 @@ class Watcher:
         s = self.clock.step
         record = None
         try:
-            if self.clock.scaler is None and s == 1:
-                # Mixed precision: hooks see gradients times the GradScaler's scale. Find the scaler the
-                # training loop uses, once, so gradients are judged unscaled and its Infs are not faults.
-                scaler = find_scaler()
-                if scaler is not None:
-                    self.clock.scaler = scaler
-                    for p in self.probes:
-                        p.adopt_scaler(scaler)
             if loss_t is not None:
                 self._losses.add(loss_t, s)
             if self.clock.logging or val_t is not None:
@@ -272,6 +244,7 @@ class Watcher:
         if self.closed:
             return
         self.closed = True
+        amp.unfollow(self.clock)
         if self.step_count == 0 and any(self._guard(p, f"{p.name}.has_gradients", p.has_gradients, switch_off=False)
                                         for p in self.probes):
             warnings.warn("lstmwatch: gradients reached the watched modules but watcher.step() was never called, "
@@ -372,6 +345,12 @@ class Watcher:
             items[keys.VAL_LOSS] = val_loss
         values, curves = stats.to_host(items)
         values.update(host)
+        # A distributed job: rank 0 combines every rank's values of a logging step (only those: a record forced
+        # by one rank's val_loss is its own), the other ranks hand theirs over and report nothing.
+        parts = self.ranks.gather(s, values, curves) if self.clock.logging else [(self.ranks.rank, values, curves)]
+        source: dict[str, int] = {}
+        if parts is not None:
+            values, curves, source = combine(parts)
         # Sites that never went non-finite hold +inf: leave them out. The keys of every record are the same
         # strings: interned, thousands of records share them.
         values = {sys.intern(k): v for k, v in values.items()
@@ -381,10 +360,13 @@ class Watcher:
         record = Record(step=s, loss=values.get(keys.LOSS), stats=values, curves=curves,
                         val_loss=values.get(keys.VAL_LOSS), modules=tuple(self.modules))
         self.records.append(record)
+        if not self.ranks.leader:
+            return record
         events: list[Event] = []
         self._call(self.detectors, "observe", record)
         for d in self.detectors:
             events.extend(self._guard(d, f"{type(d).__name__}.update", self.detectors.run, d, record) or [])
+        events = name_ranks(events, source, self.ranks.size)
         self.events.extend(events)
         for sink in self.sinks:
             self._call(sink, "write", record, events)
@@ -448,12 +430,14 @@ def watch(
     scaler: Any | None = None,
     max_records: int = 1_000,
     max_events: int = 1_000,
+    rank_timeout: float | None = None,
     **sink_options: Any,
 ) -> Watcher:
     """Attach lstmwatch to every nn.LSTM (and nn.GRU, nn.LSTMCell, nn.GRUCell) inside `model`; returns the Watcher."""
     from .sinks import make_sinks
 
-    sinks = make_sinks(console=console, **sink_options)
+    # Under torch.distributed only rank 0 prints, streams and writes (a W&B run often exists on rank 0 alone).
+    sinks = make_sinks(console=console, **sink_options) if world()[0] == 0 else []
     if detectors is None:
         dets = default_detectors()
     elif isinstance(detectors, dict):
@@ -461,4 +445,4 @@ def watch(
     else:
         dets = Detectors(detectors)
     return Watcher(model, log_every=log_every, sample=sample, modules=modules, detectors=dets, sinks=sinks,
-                   scaler=scaler, max_records=max_records, max_events=max_events)
+                   scaler=scaler, max_records=max_records, max_events=max_events, rank_timeout=rank_timeout)

@@ -45,3 +45,74 @@ def test_grad_norms_are_unscaled(pass_scaler):
     plain = _norms(pass_scaler=False, use_scaler=False)
     for a, b in zip(scaled, plain):
         assert a == pytest.approx(b, rel=0.1)
+
+
+class Trainer:
+    """A trainer class holding its GradScaler, as training libraries and users' own trainers do: the scaler
+    is never a variable of the frames that call watcher.step()."""
+
+    def __init__(self, model: nn.Module, init_scale: float = 2.0**16, enabled: bool = True, gain: float = 1.0):
+        self.model, self.gain = model, gain
+        self.opt = torch.optim.SGD(model.parameters(), 1e-2)
+        self.precision = type("Plugin", (), {})()  # a plugin object between the trainer and its scaler
+        self.precision.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=enabled)
+
+    def fit(self, watcher, steps: int, seed: int = 0) -> list[float | None]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(steps):
+            out.append(self._step(watcher, torch.randn(4, 5, 2, generator=g)))
+        return out
+
+    def _step(self, watcher, x) -> float | None:
+        scaler = self.precision.scaler
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = self.model(x).float().pow(2).mean() * self.gain
+        scaler.scale(loss).backward()
+        scaler.step(self.opt)
+        scaler.update()
+        self.opt.zero_grad()
+        rec = watcher.step(loss)
+        return rec.stats.get("grad_norm") if rec is not None else None
+
+
+def test_a_scaler_held_by_a_trainer_object_is_found_and_gradients_are_unscaled():
+    runs = []
+    for enabled in (True, False):  # the same run with the scaler off: gradients as they are
+        torch.manual_seed(0)
+        trainer = Trainer(Net(), enabled=enabled)
+        with lstmwatch.watch(trainer.model, log_every=1, console=False) as w:
+            runs.append(trainer.fit(w, 4))
+            assert (w.clock.scaler is trainer.precision.scaler) == enabled
+    scaled, plain = runs
+    for a, b in zip(scaled, plain):
+        assert a == pytest.approx(b, rel=0.1)  # not 65536 times larger
+
+
+def test_a_scaler_overflowing_on_its_first_steps_is_not_a_fault(recwarn):
+    # fp16 scalers start high and overflow for their first steps, skipping them: the scaler's business, not a
+    # NaN/Inf in the model. Its Infs are never a `nonfinite` event, and those steps' norms are unknown (NaN).
+    torch.manual_seed(0)
+    trainer = Trainer(Net(), init_scale=2.0**127, gain=8.0)  # the scaled loss is Inf until the scale backs off
+    with lstmwatch.watch(trainer.model, log_every=1) as w:
+        trainer.fit(w, 40)
+        overflowed = [r.step for r in w.records if r.stats.get("grad_norm") is None
+                      or r.stats["grad_norm"] != r.stats["grad_norm"]]
+    assert trainer.precision.scaler.get_scale() < 2.0**127  # it did overflow and back off
+    assert overflowed, "the scaler never overflowed: the test proves nothing"
+    assert not [e for e in w.events if e.kind == "nonfinite"]
+    assert not [x for x in recwarn.list if issubclass(x.category, lstmwatch.LSTMWatchWarning)]
+
+
+def test_gradscaler_scale_is_restored_when_the_last_watcher_closes():
+    original = torch.amp.GradScaler.__dict__["scale"]
+    a = lstmwatch.watch(Net(), console=False)
+    b = lstmwatch.watch(Net(), console=False)
+    assert torch.amp.GradScaler.__dict__["scale"] is not original
+    a.close()
+    assert torch.amp.GradScaler.__dict__["scale"] is not original  # b still follows
+    b.close()
+    assert torch.amp.GradScaler.__dict__["scale"] is original
+    given = lstmwatch.watch(Net(), console=False, scaler=torch.amp.GradScaler("cpu"))
+    assert torch.amp.GradScaler.__dict__["scale"] is original  # a scaler passed in: nothing to look for
+    given.close()

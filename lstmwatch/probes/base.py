@@ -315,19 +315,6 @@ class Probe:
         except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
             self._fail(f"gradient hook of {pname}", exc)
 
-    def adopt_scaler(self, scaler: Any) -> None:
-        """A GradScaler found after this step's backward: unscale what the hooks kept, forget its Infs."""
-        scale2 = scaler._scale.float().pow(2)
-        self._gsq = {k: torch.where(torch.isfinite(v), v / scale2.to(v.device), torch.nan)
-                     for k, v in self._gsq.items()}
-        theirs = grad_site("")
-        self._first_bad = {k: v for k, v in self._first_bad.items() if not k.startswith(theirs)}
-        self._sums = {k: v for k, v in self._sums.items() if not k.startswith(theirs)}
-        for site, first in self._firsts().items():  # the tapes' dates of other sites, kept
-            if not site.startswith(theirs):
-                self._first_bad[site] = first
-        self._tapes = {}
-
     # --- the logging step
     def end_step(self) -> None:
         """Forget what this step captured (its NaN/Inf dated first)."""

@@ -8,9 +8,10 @@ from typing import Any
 
 from .console import ConsoleSink
 from .runlog_writer import RunLogSink
+from .tensorboard import TensorBoardSink  # imports tensorboard only when it makes its own SummaryWriter
 from .wandb import WandbSink  # imports wandb only when a WandbSink is made
 
-__all__ = ["ConsoleSink", "RunLogSink", "WandbSink", "make_sinks"]
+__all__ = ["ConsoleSink", "RunLogSink", "TensorBoardSink", "WandbSink", "make_sinks"]
 
 
 def make_sinks(
@@ -21,9 +22,12 @@ def make_sinks(
     log_path: str | os.PathLike | None = None,
     wandb: Any = None,
     wandb_keys: str | Sequence[str] | None = None,
+    tensorboard: Any = None,
+    tensorboard_keys: str | Sequence[str] | None = None,
     **options: Any,
 ) -> list[Any]:
-    """The sinks a watch() call asked for; what cannot work (no W&B run, a folder not writable) fails here."""
+    """The sinks a watch() call asked for; what cannot work (no W&B run, a folder not writable, a writer that is
+    not one) fails here."""
     if options:
         raise TypeError(f"watch() got unexpected keyword argument(s): {', '.join(sorted(options))}")
     out: list[Any] = [ConsoleSink()] if console else []
@@ -35,4 +39,7 @@ def make_sinks(
         out.append(WandbSink(keys=wandb_keys))  # the active run, or a RuntimeError saying to call wandb.init
     elif wandb is not None and wandb is not False:
         out.append(WandbSink(wandb, keys=wandb_keys))
+    if tensorboard is not None and tensorboard is not False:
+        # True: a SummaryWriter in runs/; a folder: a SummaryWriter there; else the user's own writer.
+        out.append(TensorBoardSink(tensorboard, keys=tensorboard_keys))
     return out + list(sinks or [])
