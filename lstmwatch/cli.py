@@ -33,12 +33,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="train small LSTMs, healthy and broken, and show what lstmwatch finds",
-                       description="Train on CPU a healthy LSTM and one LSTM for each failure the article names, "
-                                   "each watched by lstmwatch; print what it found and write each run's log and "
-                                   "report.")
+                       description="Train on CPU a healthy LSTM and one LSTM for each failure named by the "
+                                   "troubleshooting article 'Why is my custom PyTorch LSTM architecture not "
+                                   "learning?' (unnormalized inputs, learning rates, zero padding, depth and long "
+                                   "sequences), each watched by lstmwatch; print what it found and write each "
+                                   "run's log and report.")
     d.add_argument("--out", default="lstmwatch-demo", metavar="DIR",
                    help="folder for the run logs and reports (default: ./lstmwatch-demo/)")
-    d.add_argument("--quick", action="store_true", help="a third of the steps (about 15 s instead of about 40 s)")
+    d.add_argument("--quick", action="store_true", help="a third of the steps")
     d.add_argument("--no-plots", action="store_true", help="write reports without plots")
 
     r = sub.add_parser("report", help="write a run log's HTML report",

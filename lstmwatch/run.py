@@ -98,6 +98,15 @@ class Run:
         """The diagnosis as text for people, as Watcher.summary()."""
         return summary(self.diagnose(), steps=self.step_count, modules=self.modules)
 
+    def _repr_html_(self) -> str:
+        """The diagnosis and the plots as HTML, for a notebook cell whose last line is the run."""
+        # The one edge back from Run to the report (tests/test_architecture.py declares it): imported when a
+        # notebook displays a run, so importing lstmwatch.run never imports the report (nor matplotlib). Plots
+        # come as an inline PNG when matplotlib is installed, otherwise the fragment says how to get them.
+        from .report.html import fragment
+
+        return str(fragment(self))
+
     def __repr__(self) -> str:
         where = self.path.name if self.path is not None else self.name
         state = "complete" if self.complete else "cut short"

@@ -265,6 +265,10 @@ class Watcher:
 
         return Run.live(self.header, list(self.records), list(self.events), self.step_count, self.log_path)
 
+    def _repr_html_(self) -> str:
+        """The run so far, diagnosis and plots, as the last line of a notebook cell."""
+        return self.as_run()._repr_html_()
+
     def diagnose(self) -> list:
         """The run's events ranked by likely root cause, each with its consequences."""
         from .diagnose import diagnose

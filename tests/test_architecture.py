@@ -69,8 +69,16 @@ def _room(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+# Edges allowed to point back, each a lazy import inside one method: a Run shows itself in a notebook with the
+# report's HTML (Run._repr_html_), while the report reads Runs.
+DECLARED_BACK_EDGES = {("lstmwatch.run", "lstmwatch.report.html")}
+
+
 def test_no_import_cycle_inside_the_package():
     graph = _imports()
+    for a, b in DECLARED_BACK_EDGES:
+        assert b in graph[a], f"declared back edge {a} -> {b} no longer exists: remove it from the list"
+        graph[a] = graph[a] - {b}
     state: dict[str, int] = {}
     cycles = []
 

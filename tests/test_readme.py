@@ -39,3 +39,36 @@ def test_quickstart_prints_what_the_readme_shows():
     printed = (out.stdout + out.stderr).replace(str(script), "examples/quickstart.py").strip()
     shown = next(b for b in _blocks("") if "UnnormalizedInputWarning" in b).strip()
     assert printed == shown
+
+
+def test_the_plain_install_draws_the_plots():
+    # The main command's reports carry plots: matplotlib comes with `pip install .`, not as an extra.
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.replace(" ", "").startswith("matplotlib") for d in deps)
+
+
+def test_the_readmes_way_to_turn_a_warning_into_an_error_works():
+    import warnings
+
+    import torch
+
+    import lstmwatch
+
+    assert "-W error::" not in README  # Python parses -W before site-packages: it cannot name lstmwatch's classes
+    assert 'warnings.filterwarnings("error", category=lstmwatch.ExplodingGradientWarning)' in README
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 8, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=lstmwatch.UnnormalizedInputWarning)
+        w = lstmwatch.watch(lstm)  # warnings go through the console sink, on by default
+        out, _ = lstm(torch.randn(4, 6, 3) * 1000)
+        out.pow(2).mean().backward()
+        try:
+            w.step(1.0)
+            raised = False
+        except lstmwatch.UnnormalizedInputWarning:
+            raised = True
+        w.close()
+    assert raised

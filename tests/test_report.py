@@ -189,3 +189,81 @@ def test_report_of_a_healthy_run_and_of_a_run_cut_short(tmp_path):
     assert "No problem found" in text or "root cause" in text
     assert "cut short" in text
     assert "Plots left out" in text
+
+
+def _synthetic(n: int, dead: float = 0.0) -> Run:
+    """Two modules over n records: enc learns, dec's gradient and update are `dead` (0: none at all), and enc's
+    input and forget gates are both pinned at 1.0."""
+    recs = []
+    for s in range(1, n + 1):
+        st = {"loss": 2.0 / s, "grad_norm": 1.0, "enc/l0/grad_norm": 0.5, "dec/l0/grad_norm": dead,
+              "enc/l0/update_ratio": 1e-3, "dec/l0/update_ratio": dead,
+              "enc/l0/forget/sat_left": 0.0, "enc/l0/forget/sat_right": 1.0,
+              "enc/l0/input/sat_left": 0.0, "enc/l0/input/sat_right": 1.0, "enc/l0/h/sat": 0.3,
+              "enc/data/absmax": 3.0, "enc/data/std": 1.0}
+        recs.append(Record(step=s, loss=st["loss"], stats=st, modules=("enc", "dec")))
+    return Run({"modules": [{"name": "enc"}, {"name": "dec"}]}, recs,
+               [Event(2, "no_gradient", "error", "dec", "no gradient reaches dec", "fix")])
+
+
+def _axes(fig, name):
+    return next(ax for ax in fig.axes if ax.get_label() == name)
+
+
+def test_plot_is_not_registered_with_pyplot(watched):
+    # A pyplot figure returned as a notebook cell's last line is shown twice: by the inline backend, then by its repr.
+    plt.close("all")
+    fig = lstmwatch.plot(watched)
+    assert isinstance(fig, Figure)
+    assert plt.get_fignums() == []
+    assert fig._repr_png_().startswith(b"\x89PNG")  # shown once even where pyplot was never imported
+
+
+def test_a_gradient_of_exactly_zero_is_drawn_on_a_floor():
+    fig = lstmwatch.plot(_synthetic(20))
+    grad = _axes(fig, "grad_norm")
+    labels = [ln.get_label() for ln in grad.lines]
+    dead = [ln for ln in grad.lines if "dec" in ln.get_label() and "no gradient" in ln.get_label()]
+    assert dead, labels
+    ys = [y for y in dead[0].get_ydata() if not math.isnan(y)]
+    assert len(ys) == 20 and min(ys) > 0 and max(ys) < 0.5  # every step, below the living layer
+    lo, hi = grad.get_ylim()
+    assert lo < ys[0] < hi
+    assert any(ln.get_label() == "0 (no gradient)" for ln in grad.lines)  # the floor line, in the legend
+    assert any("dec" in ln.get_label() and "no update" in ln.get_label() for ln in _axes(fig, "update_ratio").lines)
+    # A gradient that is tiny but not zero is drawn as itself, with no floor.
+    fig = lstmwatch.plot(_synthetic(20, dead=1e-9))
+    assert not any("no gradient" in ln.get_label() for ln in _axes(fig, "grad_norm").lines)
+
+
+def test_long_runs_are_drawn_without_markers():
+    fig = lstmwatch.plot(_synthetic(3000))
+    marked = [(ax.get_label(), ln.get_label()) for ax in fig.axes for ln in ax.lines
+              if len(ln.get_xdata()) > 200 and ln.get_marker() not in ("None", "", None, " ")]
+    assert marked == []
+    fig = lstmwatch.plot(_synthetic(20))  # a short run keeps its markers
+    assert any(ln.get_marker() == "o" for ln in _axes(fig, "loss").lines)
+
+
+def test_gates_pinned_together_stay_visible_and_legends_find_room():
+    fig = lstmwatch.plot(_synthetic(20))
+    sat = _axes(fig, "saturation")
+    at_one = [ln for ln in sat.lines if list(ln.get_ydata()) == [1.0] * 20]
+    assert len(at_one) == 2
+    forget = next(ln for ln in at_one if ln.get_color() == "#ff7f0e")
+    other = next(ln for ln in at_one if ln is not forget)
+    # The forget gate lies wider and underneath: it shows around the input gate drawn over it.
+    assert forget.get_linewidth() > other.get_linewidth() and forget.get_zorder() < other.get_zorder()
+    assert sat.get_ylim()[1] > 1.02  # lines at 1.0 do not run along the frame
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            assert ax.get_legend()._loc in (0,), ax.get_label()  # "best": steered clear of the data
+
+
+def test_module_names_do_not_wrap_in_the_tables(watched):
+    text = render(watched, plots=False)
+    assert re.search(r"td\.module\s*\{[^}]*white-space:\s*nowrap", text)
+    assert re.search(r"td\.module code\s*\{[^}]*overflow-wrap:\s*normal", text)
+    assert '<td class="module"><code>lstm</code></td>' in text  # the model table
+    run = _synthetic(3)
+    assert '<td class="module"><code>dec</code></td>' in render(run, plots=False)  # the events table

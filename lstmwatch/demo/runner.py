@@ -134,7 +134,8 @@ def _demo(out: str, quick: bool, plots: bool, stream: IO[str]) -> int:
     why = plots_missing() if plots else None
     p = stream.write
     p(f"lstmwatch demo: {len(runs)} small LSTMs trained on CPU{' (quick: a third of the steps)' if quick else ''}, "
-      "one healthy and one for each failure in the article, each watched by lstmwatch.\n")
+      "one healthy and one for each failure named by 'Why is my custom PyTorch LSTM architecture not "
+      "learning?', each watched by lstmwatch.\n")
     if why:
         p(f"plots: left out of the reports, {why}\n")
     p("\n")

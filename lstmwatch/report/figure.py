@@ -8,8 +8,6 @@ matplotlib is imported here only, when a figure is drawn.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,36 +51,41 @@ GATE_COLORS = {"input": "#1f77b4", "forget": "#ff7f0e", "cell": "#2ca02c", "outp
 SEVERITY_COLORS = {"error": "#c0392b", "warning": "#e67e22", "info": "#7f8c8d"}
 HEALTHY = "#2ca02c"
 FIGSIZE = (12.0, 12.5)  # inches; 1150 px wide at the report's 96 dpi
+# Past this many points a series is drawn as a plain line: markers on thousands of points merge into a blob.
+MAX_MARKED_POINTS = 200
+# Legend labels of values that a log axis cannot show, drawn on a floor line under the panel's data.
+ZERO_LABELS = {"grad_norm": "0 (no gradient)", "update_ratio": "0 (no update)"}
+# Gate line widths and layers: the forget gate sits wide and underneath, so that where gates overlap
+# (all pinned at 1.0, say) it shows as a halo around the other lines instead of vanishing behind them.
+GATE_WIDTH = {"forget": 3.2}
+GATE_ZORDER = {"forget": 2.0}
 
 
 def plot(run: Any) -> Any:
-    """One matplotlib Figure of a Watcher, a Run from lstmwatch.load, or a run log path."""
-    view = as_run(run)
-    _require()
-    _choose_backend()
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=FIGSIZE)
-    draw(view, fig)
-    return fig
+    """One matplotlib Figure of a Watcher, a Run from lstmwatch.load, or a run log path; pyplot never sees it."""
+    # Built outside pyplot: a pyplot figure is shown by the notebook's inline backend at the end of the cell
+    # and then again by the repr of the returned value. Save it with fig.savefig(...); plt.show() won't see it.
+    return figure(run)
 
 
 def figure(run: Any) -> Any:
-    """The same figure outside pyplot (no global state, nothing to close): for files and reports."""
+    """The figure of a run outside pyplot (no global state, nothing to close): for notebooks, files and reports."""
     _require()
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=FIGSIZE)
+    fig = _figure_class()(figsize=FIGSIZE)
     draw(as_run(run), fig)
     return fig
 
 
 def png(run: Any, dpi: int = 96) -> bytes:
     """The figure of a run as PNG bytes."""
+    return _png(figure(run), dpi)
+
+
+def _png(fig: Any, dpi: int) -> bytes:
     import io
 
     buf = io.BytesIO()
-    figure(run).savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
@@ -93,14 +96,26 @@ def _require() -> None:
         raise ImportError("lstmwatch's plots need matplotlib: pip install 'lstmwatch[plots]'") from None
 
 
-def _choose_backend() -> None:
-    """Agg when there is no display and nobody chose a backend (MPLBACKEND, or pyplot already imported)."""
-    if "matplotlib.pyplot" in sys.modules or os.environ.get("MPLBACKEND"):
-        return
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        import matplotlib
+_FIGURE_CLASS: Any = None
 
-        matplotlib.use("Agg")
+
+def _figure_class() -> Any:
+    """matplotlib's Figure with a PNG repr, made once, the first time a figure is drawn."""
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        from matplotlib.figure import Figure
+
+        class RunFigure(Figure):
+            """A Figure that a notebook shows as PNG even when pyplot was never imported (IPython then has no
+            formatter for figures); where the inline backend registered one, that one is used instead."""
+
+            def _repr_png_(self) -> bytes:
+                return _png(self, 72)
+
+        # Reachable as lstmwatch.report.figure.RunFigure, so that the figure pickles like any other.
+        RunFigure.__qualname__ = "RunFigure"
+        globals()["RunFigure"] = _FIGURE_CLASS = RunFigure
+    return _FIGURE_CLASS
 
 
 # --- drawing
@@ -180,6 +195,25 @@ def _any(ys: Sequence[float]) -> bool:
     return any(not math.isnan(y) for y in ys)
 
 
+def _marks(xs: Sequence[Any], marker: str, ms: float) -> dict[str, Any]:
+    """Marker style for a series of len(xs) points: none past MAX_MARKED_POINTS."""
+    if len(xs) > MAX_MARKED_POINTS:
+        return {"marker": "None"}
+    return {"marker": marker, "ms": ms}
+
+
+def _zeros(recs: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
+    """Steps of one statistic, with 1.0 where it is exactly 0 and NaN elsewhere: what the log axis would drop."""
+    xs, ys = [], []
+    for r in recs:
+        v = r.get(key)
+        if v is None:
+            continue
+        xs.append(r.step)
+        ys.append(1.0 if v == 0 else math.nan)
+    return xs, ys
+
+
 def _layers(recs: Sequence[Record], module: str, stat: str) -> list[str]:
     """Layer-direction labels (l0, l0_reverse, l1, ...) of a module that have `stat` in any of the records."""
     return sorted({lab for r in recs for lab in r.layers(module, stat)}, key=keys.layer_order)
@@ -236,11 +270,11 @@ def _loss(ax: Any, recs: Sequence[Record], first: list[Event], multi: bool) -> N
     vx = [r.step for r in recs if r.val_loss is not None]
     vy = [float(r.val_loss) if _finite(r.val_loss) else math.nan for r in recs if r.val_loss is not None]
     if _any(ys):
-        ax.plot(xs, ys, "o-", ms=3, lw=1.3, color="#1f77b4", label="loss (at the logging step)")
+        ax.plot(xs, ys, ls="-", lw=1.3, color="#1f77b4", label="loss (at the logging step)", **_marks(xs, "o", 3))
     if _any(my):
         ax.plot(mx, my, "-", lw=1, color="#1f77b4", alpha=0.45, label="mean since the previous log")
     if _any(vy):
-        ax.plot(vx, vy, "s-", ms=4, lw=1.3, color="#9467bd", label="validation loss")
+        ax.plot(vx, vy, ls="-", lw=1.3, color="#9467bd", label="validation loss", **_marks(vx, "s", 4))
     vals = [v for v in ys + my + vy if not math.isnan(v)]
     if vals and min(vals) > 0 and max(vals) / min(vals) > 30:
         ax.set_yscale("log")
@@ -272,25 +306,53 @@ def _loss(ax: Any, recs: Sequence[Record], first: list[Event], multi: bool) -> N
         ax.text(evs[0].step if right else evs[-1].step, y, _t(text), transform=top, va="top",
                 ha="right" if right else "left", fontsize=7, color=color,
                 bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "lw": 0.6, "alpha": 0.85})
-    _legend(ax, loc="lower left" if not ax.get_yscale() == "log" else "best")
+    _legend(ax, loc="best")
     ax.set_ylabel("loss")
 
 
-def _per_layer(ax: Any, recs: Sequence[Record], mods: list[str], stat: str) -> int:
-    """One line per module and layer-direction of `{m}/{lab}/{stat}`; how many were drawn."""
+def _per_layer(ax: Any, recs: Sequence[Record], mods: list[str], stat: str,
+               low: float = math.inf) -> tuple[int, int]:
+    """One line per module and layer-direction of `{m}/{lab}/{stat}`, and where it is exactly 0 a mark on a floor
+    line under the data and under `low` (a log axis drops 0, and a 0 is what the diagnosis names); how many lines
+    and how many layer-directions with a 0 were drawn."""
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"]
-    lines = 0
+    lines, zeros = 0, []
+    multi = len(mods) > 1
     for m in mods:
         labs = _layers(recs, m, stat)
         for lab in labs:
-            xs, ys = _series(recs, keys.layer_key(m, lab, stat), positive=True)
+            key = keys.layer_key(m, lab, stat)
+            style = _layer_style(labs, lab, cmap)
+            xs, ys = _series(recs, key, positive=True)
             if _any(ys):
-                ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, label=_name(m, lab, len(mods) > 1),
-                        **_layer_style(labs, lab, cmap))
+                ax.plot(xs, ys, lw=1.2, label=_name(m, lab, multi), **style, **_marks(xs, "o", 2.5))
                 lines += 1
-    return lines
+            zx, zy = _zeros(recs, key)
+            if _any(zy):
+                zeros.append((_name(m, lab, multi), style, zx, zy))
+    if zeros:
+        _zero_floor(ax, zeros, ZERO_LABELS.get(stat, "0"), low)
+    return lines, len(zeros)
+
+
+def _zero_floor(ax: Any, zeros: list[tuple[str, dict[str, Any], list[int], list[float]]], label: str,
+                low: float) -> None:
+    """Draw the zeros of each series on a dotted floor a decade under the lowest value drawn (and under `low`, a
+    healthy band's bottom: a floor inside the band would read as healthy)."""
+    lows = [y for line in ax.get_lines() for y in line.get_ydata() if _finite(y) and y > 0]
+    lows += [low] if math.isfinite(low) else []
+    floor = 10 ** (math.floor(math.log10(min(lows))) - 1) if lows else 1.0
+    ax.axhline(floor, color="#555", ls=":", lw=1.0, zorder=1, label=label)
+    for name, style, xs, ys in zeros:
+        n = sum(1 for y in ys if not math.isnan(y))
+        # Consecutive zero steps join into a thick segment on the floor; markers while there are few of them.
+        ax.plot(xs, [floor * y for y in ys], color=style["color"], ls="-", lw=2.5, zorder=3, clip_on=False,
+                label=_t(f"{name} = {label}"), **_marks(range(n), "v", 5))
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(lo, floor / 2), max(hi, floor * 2))
 
 
 def _types(recs: Sequence[Record], mods: list[str]) -> str:
@@ -313,8 +375,8 @@ def _is_gru(recs: Sequence[Record], module: str) -> bool:
 
 
 def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str], everything: str = "all LSTMs") -> None:
-    lines = _per_layer(ax, recs, mods, "grad_norm")
-    drew = lines > 0
+    lines, zeros = _per_layer(ax, recs, mods, "grad_norm")
+    drew = lines + zeros > 0
     xs, ys = _series(recs, keys.GRAD_NORM, positive=True)
     good = sorted(y for y in ys if not math.isnan(y))
     if good:
@@ -327,7 +389,7 @@ def _grad_norm(ax: Any, recs: Sequence[Record], mods: list[str], everything: str
         ax.set_yscale("log")
         _legend(ax, loc="best", ncol=2)
     else:
-        _empty(ax, "no gradient recorded (all zero or missing)")
+        _empty(ax, "no gradient recorded")
     ax.set_ylabel("gradient norm (log)")
 
 
@@ -350,29 +412,33 @@ def _saturation(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
             for gate in gates:
                 if gate == "h":
                     xs, ys = _series(recs, keys.gate_key(m, lab, "h", "sat"))
-                    style = {"ls": ":", "lw": 1.4}
+                    style: dict[str, Any] = {"ls": ":", "lw": 1.4}
                 elif any(r.get(keys.gate_key(m, lab, gate, "sat_left")) is not None for r in recs):
                     xs, left = _series(recs, keys.gate_key(m, lab, gate, "sat_left"))
                     _, right = _series(recs, keys.gate_key(m, lab, gate, "sat_right"))
                     ys = [a + b for a, b in zip(left, right)] if len(right) == len(left) else left
-                    style = {"ls": ls, "lw": 1.3}
+                    style = {"ls": ls, "lw": GATE_WIDTH.get(gate, 1.3)}
                 else:
                     xs, ys = _series(recs, keys.gate_key(m, lab, gate, "sat"))
-                    style = {"ls": ls, "lw": 1.3}
+                    style = {"ls": ls, "lw": GATE_WIDTH.get(gate, 1.3)}
                 if _any(ys):
-                    ax.plot(xs, ys, color=GATE_COLORS.get(gate, "#333"), alpha=alpha, marker="o", ms=2, **style)
+                    wide = gate in GATE_WIDTH
+                    ax.plot(xs, ys, color=GATE_COLORS.get(gate, "#333"), alpha=alpha * (0.6 if wide else 1.0),
+                            zorder=GATE_ZORDER.get(gate, 3.0), **style, **_marks(xs, "o", 2))
                     if gate not in gates_seen:
                         gates_seen.append(gate)
     if not gates_seen:
         _empty(ax, "no gate statistics recorded")
         return
     handles = [Line2D([], [], color=GATE_COLORS.get(g, "#333"), ls=":" if g == "h" else "-",
+                      lw=GATE_WIDTH.get(g, 1.3), alpha=0.6 if g in GATE_WIDTH else 1.0,
                       label="hidden h" if g == "h" else (f"{g} gate" if g != "cell" else "cell gate g"))
                for g in gates_seen]
     if n_layers > 1:
         handles.append(Line2D([], [], color="#999", alpha=0.45, label="fainter: deeper layer"))
     ax.legend(handles=handles, fontsize=7, framealpha=0.85, loc="best", ncol=2)
-    ax.set_ylim(-0.02, 1.02)
+    # Room above 1.0 and below 0, so that lines pinned there do not run along the frame.
+    ax.set_ylim(-0.04, 1.06)
     ax.set_ylabel("fraction saturated")
 
 
@@ -441,11 +507,11 @@ def _inputs(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
         color = ("#1f77b4", "#9467bd", "#17becf", "#bcbd22")[i]
         xs, ys = _series(recs, keys.data_key(m, "absmax"), positive=True)
         if _any(ys):
-            ax.plot(xs, ys, "o-", ms=2.5, lw=1.3, color=color, label=_t(f"{who}|x| max"))
+            ax.plot(xs, ys, ls="-", lw=1.3, color=color, label=_t(f"{who}|x| max"), **_marks(xs, "o", 2.5))
             drew = True
         xs, ys = _series(recs, keys.data_key(m, "std"), positive=True)
         if _any(ys):
-            ax.plot(xs, ys, "s--", ms=2.5, lw=1.3, color=color, alpha=0.7, label=_t(f"{who}std"))
+            ax.plot(xs, ys, ls="--", lw=1.3, color=color, alpha=0.7, label=_t(f"{who}std"), **_marks(xs, "s", 2.5))
             drew = True
         xs, ys = _series(recs, keys.data_key(m, "pad_frac"))
         if _any(ys):
@@ -469,7 +535,7 @@ def _inputs(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
 
 def _update_ratio(ax: Any, recs: Sequence[Record], mods: list[str]) -> None:
     ax.axhspan(1e-4, 1e-2, color=HEALTHY, alpha=0.07, lw=0)
-    drew = _per_layer(ax, recs, mods, "update_ratio") > 0
+    drew = sum(_per_layer(ax, recs, mods, "update_ratio", low=1e-4)) > 0
     ax.set_yscale("log")
     if drew:
         lo, hi = ax.get_ylim()

@@ -58,6 +58,14 @@ def render(run: Any, *, plots: bool = True, title: str | None = None, dpi: int =
     return page(f"lstmwatch report: {name}", "\n" + "\n".join(sections) + "\n")
 
 
+def fragment(run: Any, *, plots: bool = True, dpi: int = 72) -> str:
+    """The diagnosis and the plots of a run as one self-contained HTML fragment, for a notebook cell's output."""
+    view = as_run(run)
+    body = "\n".join([_header(view, view.name), _diagnosis(view, diagnose(view.events)), _plots(view, plots, dpi)])
+    # The report's style, confined to the fragment's own box so that it cannot restyle the notebook around it.
+    return f"<div class=\"{FRAGMENT_CLASS}\"><style>{scoped_css(f'.{FRAGMENT_CLASS}')}</style>{body}</div>"
+
+
 def write(run: Any, path: str | os.PathLike, **kwargs: Any) -> str:
     """Write the report of a run to `path` (its folder is created); returns the path."""
     text = render(run, **kwargs)
@@ -125,9 +133,32 @@ th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--lin
 th { background: #f6f7f9; font-weight: 600; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td .hint { color: var(--muted); font-size: 12.5px; margin-top: 3px; }
+td.module { white-space: nowrap; word-break: keep-all; }
+td.module code { overflow-wrap: normal; white-space: nowrap; }
 .scroll { overflow-x: auto; }
 footer { color: var(--muted); font-size: 12.5px; text-align: center; margin-top: 20px; }
 """
+
+
+FRAGMENT_CLASS = "lstmwatch-report"
+_RULE = re.compile(r"([^{}]+)\{([^{}]*)\}")
+
+
+def scoped_css(root: str) -> str:
+    """CSS with every rule confined to the elements under `root` (a selector); the page-wide rules left out."""
+    rules = []
+    for selectors, body in _RULE.findall(CSS):
+        scoped = []
+        for sel in (x.strip() for x in selectors.split(",")):
+            if sel in ("body", "main"):
+                continue  # the notebook's page, not ours
+            scoped.append(root if sel == ":root" else f"{root} {sel}")
+        if scoped:
+            rules.append(f"{', '.join(scoped)} {{{body}}}")
+    # The fragment draws its own background, so that the sections read as on the report's page.
+    rules.append(f"{root} {{ background: var(--bg); color: var(--ink); padding: 4px 12px; border-radius: 10px; "
+                 "font: 14px/1.5 -apple-system, \"Segoe UI\", Roboto, \"Helvetica Neue\", Arial, sans-serif; }")
+    return "\n".join(rules)
 
 
 def page(title: str, body: str) -> str:
@@ -238,7 +269,8 @@ def _events(events: list[Event]) -> str:
                "<th>what was measured, and the fix</th></tr></thead><tbody>")
     for e in sorted(events, key=lambda e: e.step)[:MAX_EVENT_ROWS]:
         out.append(f"<tr><td class=\"num\">{e.step}</td><td><span class=\"badge {_sev(e)}\">{esc(e.severity)}</span>"
-                   f"</td><td>{esc(e.kind)}</td><td>{'<code>' + esc(e.module) + '</code>' if e.module else '&mdash;'}"
+                   f"</td><td>{esc(e.kind)}</td><td class=\"module\">"
+                   f"{'<code>' + esc(e.module) + '</code>' if e.module else '&mdash;'}"
                    f"</td><td>{prose(e.message)}<div class=\"hint\">fix: {prose(e.hint)}</div></td></tr>")
     out.append("</tbody></table></div>")
     if len(events) > MAX_EVENT_ROWS:
@@ -267,7 +299,7 @@ def _model(view: Run) -> str:
                 cells.append(f"<td class=\"num\">{esc(v)}</td>")
             else:
                 cells.append(f"<td>{esc(v)}</td>")
-        out.append(f"<tr><td><code>{esc(name)}</code></td>{''.join(cells)}</tr>")
+        out.append(f"<tr><td class=\"module\"><code>{esc(name)}</code></td>{''.join(cells)}</tr>")
     out.append("</tbody></table></div></section>")
     return "\n".join(out)
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Sequence
 
 from ..events import Event, warning_for
-from ..frames import user_stacklevel
+from ..frames import warn_at_user
 from ..interfaces import Header, Summary
 from ..record import Record
 
@@ -34,7 +33,7 @@ class ConsoleSink:
             self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
             if len(self.first) < self.keep:
                 self.first.append(event)
-            warnings.warn(warning_for(event), stacklevel=user_stacklevel())
+            warn_at_user(warning_for(event))
 
     def close(self, summary: Summary | None = None) -> None:
         """One line at the end of a run in which something was found."""
