@@ -180,15 +180,13 @@ def _finite(v: Any) -> bool:
 def _series(recs: Sequence[Record], key: str, positive: bool = False) -> tuple[list[int], list[float]]:
     """Steps and values of one statistic (a key built by lstmwatch.keys); values a log axis cannot show become
     gaps (NaN)."""
-    xs, ys = [], []
-    for r in recs:
-        v = r.get(key)
-        if v is None:
-            continue
-        xs.append(r.step)
-        ok = _finite(v) and (v > 0 or not positive)
-        ys.append(float(v) if ok else math.nan)
-    return xs, ys
+    pts = _points(recs, key)
+    return [x for x, _ in pts], [float(v) if _finite(v) and (v > 0 or not positive) else math.nan for _, v in pts]
+
+
+def _points(recs: Sequence[Record], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the records that have the statistic."""
+    return [(r.step, v) for r in recs if (v := r.get(key)) is not None]
 
 
 def _any(ys: Sequence[float]) -> bool:
@@ -204,14 +202,8 @@ def _marks(xs: Sequence[Any], marker: str, ms: float) -> dict[str, Any]:
 
 def _zeros(recs: Sequence[Record], key: str) -> tuple[list[int], list[float]]:
     """Steps of one statistic, with 1.0 where it is exactly 0 and NaN elsewhere: what the log axis would drop."""
-    xs, ys = [], []
-    for r in recs:
-        v = r.get(key)
-        if v is None:
-            continue
-        xs.append(r.step)
-        ys.append(1.0 if v == 0 else math.nan)
-    return xs, ys
+    pts = _points(recs, key)
+    return [x for x, _ in pts], [1.0 if v == 0 else math.nan for _, v in pts]
 
 
 def _layers(recs: Sequence[Record], module: str, stat: str) -> list[str]:
