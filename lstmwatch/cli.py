@@ -110,6 +110,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _summary(args: argparse.Namespace) -> int:
     run = read(find_log(args.run))
+    if run.header.get("name"):
+        print(f"run {run.name}")
     print(run.summary())
     return 0
 

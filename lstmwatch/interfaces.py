@@ -40,6 +40,7 @@ class Header:
     pid: int = field(default_factory=os.getpid)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     world_size: int = 1  # processes of a torch.distributed job whose statistics the records combine
+    name: str = ""  # the run's name given to watch(name=...); '' for none (the log is named by time and pid)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -54,14 +55,15 @@ class Header:
 
     @classmethod
     def of(cls, modules: Sequence[ModuleInfo], log_every: Any = None, sample: int | None = None,
-           world_size: int = 1) -> Header:
+           world_size: int = 1, name: str = "") -> Header:
         """A header stamped with this lstmwatch's and torch's versions."""
         import torch
 
         from .version import __version__
 
         every = log_every if isinstance(log_every, int) and not isinstance(log_every, bool) else None
-        return cls(tuple(modules), every, sample, __version__, torch.__version__, world_size=world_size)
+        return cls(tuple(modules), every, sample, __version__, torch.__version__, world_size=world_size,
+                   name=name)
 
 
 @dataclass(frozen=True)

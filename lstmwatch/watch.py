@@ -151,8 +151,11 @@ class Watcher:
         max_events: int = 1_000,
         seed: int = 0,
         rank_timeout: float | None = None,
+        name: str | None = None,
     ):
         _check_args(sample=sample, scaler=scaler, modules=modules, max_records=max_records, max_events=max_events)
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise TypeError(f"name must be a non-empty str (the run's name), got {name!r}")
         found = find_modules(model, modules)
         # Under torch.distributed every rank measures; rank 0 combines and is the only one to report.
         self.ranks = Ranks(wait_s_from(rank_timeout))
@@ -165,8 +168,8 @@ class Watcher:
         for _, m in found:
             prev = _open_watcher(m)
             if prev is not None and not prev.closed:
-                warnings.warn("lstmwatch: this model was already watched; closing the previous watcher first",
-                              LSTMWatchFailure, stacklevel=3)
+                # A notebook cell run again, most often: a note, not a warning; the earlier watcher's hooks go.
+                print("lstmwatch: this model was already watched; the earlier watcher is closed", file=sys.stderr)
                 prev.close()
         self.probes: list[Probe] = [_probe(name, m, self.clock) for name, m in found]
         for _, m in found:
@@ -182,7 +185,7 @@ class Watcher:
         self._reported: set[tuple[int, str]] = set()  # (id, what) of failures already reported once
         # What the run is, built once: sinks get it, never the watcher.
         self.header = Header.of([ModuleInfo(p.name, p.kind, p.describe()) for p in self.probes], log_every, sample,
-                                self.ranks.size)
+                                self.ranks.size, name or "")
         for s in self.sinks:
             self._call(s, "start", self.header)
 
@@ -435,6 +438,7 @@ def watch(
     max_records: int = 1_000,
     max_events: int = 1_000,
     rank_timeout: float | None = None,
+    name: str | None = None,
     **sink_options: Any,
 ) -> Watcher:
     """Attach lstmwatch to every nn.LSTM (and nn.GRU, nn.LSTMCell, nn.GRUCell) inside `model`; returns the Watcher."""
@@ -449,4 +453,5 @@ def watch(
     else:
         dets = Detectors(detectors)
     return Watcher(model, log_every=log_every, sample=sample, modules=modules, detectors=dets, sinks=sinks,
-                   scaler=scaler, max_records=max_records, max_events=max_events, rank_timeout=rank_timeout)
+                   scaler=scaler, max_records=max_records, max_events=max_events, rank_timeout=rank_timeout,
+                   name=name)

@@ -297,7 +297,7 @@ def test_sink_writes_what_it_is_given_and_holds_no_watcher(tmp_path):
     assert [o["type"] for o in lines] == ["header", "record", "event", "end"]
     # The header line is the Header's values, in the order the file has always had, plus type and format.
     assert list(lines[0]) == ["type", "format", "lstmwatch", "torch", "python", "pid", "created", "log_every",
-                              "sample", "modules", "world_size"]
+                              "sample", "modules", "world_size", "name"]
     assert lines[0] == {"type": "header", "format": FORMAT, **header.as_dict()}
     assert "modules" not in lines[1]  # the header's modules: not repeated on every record
     assert lines[2]["where"] == "l0" and lines[2]["values"] == {"ratio": 12.5}

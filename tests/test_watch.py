@@ -335,11 +335,13 @@ def test_dropped_watcher_leaves_no_hooks():
     assert hooks_of(model) == (0, 0)
 
 
-def test_second_watch_closes_the_first():
+def test_second_watch_closes_the_first(capsys, recwarn):
+    # A notebook cell run again: one line on stderr, no warning.
     model = Tagger()
     first = lstmwatch.watch(model, log_every=1, console=False)
-    with pytest.warns(lstmwatch.LSTMWatchFailure):
-        second = lstmwatch.watch(model, log_every=1, console=False)
+    second = lstmwatch.watch(model, log_every=1, console=False)
+    assert capsys.readouterr().err.strip() == "lstmwatch: this model was already watched; the earlier watcher is closed"
+    assert not [w for w in recwarn.list if issubclass(w.category, lstmwatch.LSTMWatchWarning)]
     assert first.closed and not second.closed
     assert hooks_of(model) == (1, sum(1 for _ in model.enc.parameters()))
     train(model, second, 2)

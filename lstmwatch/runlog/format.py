@@ -33,7 +33,8 @@ from ..record import Record
 
 FORMAT = 1  # the version of this layout
 # The header's keys in the order they are written (readers do not care; people reading the file do).
-HEADER_ORDER = ("lstmwatch", "torch", "python", "pid", "created", "log_every", "sample", "modules", "world_size")
+HEADER_ORDER = ("lstmwatch", "torch", "python", "pid", "created", "log_every", "sample", "modules", "world_size",
+                "name")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
 MAX_LINE = 16 * 1024 * 1024  # bytes of one line, its newline aside (see above)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ from ..runlog.format import end_line, event_line, header_line, record_line
 
 
 class RunLogSink:
-    """Writes `<log_dir>/<YYYYmmdd-HHMMSS>-<pid>.jsonl` (or `path`), flushed on every logging step."""
+    """Writes `<log_dir>/<YYYYmmdd-HHMMSS>-<pid>.jsonl` (`<name>-<YYYYmmdd-HHMMSS>.jsonl` for a named run; or
+    `path`), flushed on every logging step."""
 
     def __init__(self, log_dir: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None):
         if log_dir is not None and path is None:
@@ -105,6 +107,9 @@ class RunLogSink:
         if self._dir is None:
             f = open(self.path, "w", encoding="utf-8")  # an explicit path: a new run replaces it
         else:
+            if header.name:  # a named run: its name leads the file's, the time after it
+                safe = re.sub(r"[^A-Za-z0-9._+=-]+", "_", header.name).strip("._") or "run"
+                self.path = self._dir / f"{safe[:80]}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
             stem, n = self.path.stem, 1
             while True:
                 try:

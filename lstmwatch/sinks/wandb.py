@@ -78,6 +78,8 @@ class WandbSink:
     def start(self, header: Header | None = None) -> None:
         """Bind every lstmwatch/ key to lstmwatch's own step metric, so charts use the training step."""
         self._started = True
+        if header is not None and header.name:
+            self.run.summary[PREFIX + "name"] = header.name
         self.run.define_metric(STEP)
         self.run.define_metric(PREFIX + "*", step_metric=STEP)
 
