@@ -28,6 +28,37 @@ def score(sc: scenarios.Scenario, watcher) -> tuple[str, dict[str, int], int | N
     return ("detected" if hits else "MISSED"), raised, (min(hits) if hits else None)
 
 
+class Tally:
+    """Scores runs one by one (`add`) and prints the summary lines; shared with benchmarks/field_zoo.py."""
+
+    def __init__(self) -> None:
+        self.detected = self.faults = self.false_pos = self.healthy = 0
+        self.fractions: list[float] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, run, watcher, steps: int) -> tuple[str, str, str]:
+        """Score one run (anything with `expected`); its table cells: raised kinds, verdict, first detection."""
+        verdict, raised, first = score(run, watcher)
+        if run.expected:
+            self.faults += 1
+            self.detected += verdict == "detected"
+            if first is not None:
+                self.fractions.append(first / steps)
+        else:
+            self.healthy += 1
+            self.false_pos += verdict != "ok"
+        got = ", ".join(f"{k} ({s})" for k, s in sorted(raised.items(), key=lambda kv: kv[1])) or "-"
+        when = f"step {first} ({100 * first / steps:.1f}%)" if first is not None else "-"
+        return got, verdict, when
+
+    def summary(self, label: str) -> int:
+        """Print the mean first detection and `<label>: recall=R/N false_pos=P/M`; 0 if all found, none false."""
+        mean = 100 * sum(self.fractions) / len(self.fractions) if self.fractions else 0.0
+        print(f"\nmean first detection: {mean:.1f}% of the run; wall time {time.perf_counter() - self.t0:.0f}s")
+        print(f"{label}: recall={self.detected}/{self.faults} false_pos={self.false_pos}/{self.healthy}")
+        return 0 if self.detected == self.faults and self.false_pos == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -39,30 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = [s for s in scenarios.SCENARIOS if not args.only or s.name in args.only]
     print("| run | steps | expected | raised (first step) | verdict | first detection | time |")
     print("|---|---|---|---|---|---|---|")
-    t_all = time.perf_counter()
-    detected = faults = false_pos = healthy = 0
-    fractions = []
+    tally = Tally()
     for sc in runs:
         t0 = time.perf_counter()
         w = scenarios.run(sc, seed=args.seed, console=False, log_every=args.log_every)
-        verdict, raised, first = score(sc, w)
-        dt = time.perf_counter() - t0
-        if sc.expected:
-            faults += 1
-            detected += verdict == "detected"
-            if first is not None:
-                fractions.append(first / sc.steps)
-        else:
-            healthy += 1
-            false_pos += verdict != "ok"
-        got = ", ".join(f"{k} ({s})" for k, s in sorted(raised.items(), key=lambda kv: kv[1])) or "-"
-        when = f"step {first} ({100 * first / sc.steps:.1f}%)" if first is not None else "-"
+        got, verdict, when = tally.add(sc, w, sc.steps)
         print(f"| {sc.name} | {sc.steps} | {', '.join(sc.expected) or 'none'} | {got} | {verdict} | {when} | "
-              f"{dt:.1f}s |", flush=True)
-    mean = 100 * sum(fractions) / len(fractions) if fractions else 0.0
-    print(f"\nmean first detection: {mean:.1f}% of the run; wall time {time.perf_counter() - t_all:.0f}s")
-    print(f"zoo: recall={detected}/{faults} false_pos={false_pos}/{healthy}")
-    return 0 if detected == faults and false_pos == 0 else 1
+              f"{time.perf_counter() - t0:.1f}s |", flush=True)
+    return tally.summary("zoo")
 
 
 if __name__ == "__main__":
