@@ -813,3 +813,11 @@ def test_a_suite_calls_other_detectors_as_they_are():
     assert [d.kind for d in suite] == ["mine", "padding"] and len(suite) == 2 and suite[1].kind == "padding"
     assert kinds(suite.update(rec(1))) == ["mine"]
     assert suite.state_dict()["detectors"][0] == {"kind": "mine", "state": None}
+
+
+def test_huge_ratios_in_messages_read_as_numbers():
+    # A float64 loss that blew up 1e33-fold is said in scientific notation, not with 34 digits.
+    from lstmwatch.detectors.base import times
+
+    assert times(7.29) == "7.3" and times(42.4, 0) == "42"
+    assert times(1485258861474897379291614446354432.0) == "1.49e+33"

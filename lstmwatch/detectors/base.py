@@ -25,6 +25,11 @@ def fmt(v: float) -> str:
     return f"{v:.2e}" if a < 1e-3 or a >= 1e4 else f"{v:.3g}"
 
 
+def times(v: float, digits: int = 1) -> str:
+    """A ratio as people read it: '7.3', '42'; a huge one in scientific notation, not 34 digits."""
+    return f"{v:.{digits}f}" if math.isfinite(v) and abs(v) < 1e4 else fmt(v)
+
+
 def pct(v: float) -> str:
     """A fraction as a percentage."""
     return f"{100 * v:.0f}%"

@@ -8,7 +8,7 @@ from statistics import median
 
 from .. import keys
 from ..events import Record
-from .base import Detector, Fact, finite, fmt
+from .base import Detector, Fact, finite, fmt, times
 from .saturation import KnowsType
 from .trend import LossTrend
 
@@ -92,7 +92,7 @@ class ExplodingGradient(Detector):
         v = fact.values
         if fact.variant == "jump":
             g, level = v["grad_norm"], v["level"]
-            what = (f"the gradient norm jumped to {fmt(g)}, {g / level:.0f}x its running level of {fmt(level)} "
+            what = (f"the gradient norm jumped to {fmt(g)}, {times(g / level, 0)}x its running level of {fmt(level)} "
                     f"(threshold {v['threshold']:g}x), and the step "
                     + ("raised the loss" if v["loss_rose"] else f"moved the weights by {fmt(v['update_ratio'])} of "
                        "their norm"))

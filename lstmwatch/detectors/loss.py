@@ -6,7 +6,7 @@ from collections import deque
 
 from .. import keys
 from ..events import Record
-from .base import Detector, Fact, Streak, finite, fmt
+from .base import Detector, Fact, Streak, finite, fmt, times
 from .trend import LossTrend
 
 
@@ -129,7 +129,7 @@ class DivergingLoss(Detector):
 
     def _describe(self, fact: Fact) -> tuple[str, str]:
         v = fact.values
-        return (f"the loss rose to {fmt(v['loss'])}, {v['rise']:.1f}x the run's scale ({fmt(v['scale'])}) above its "
+        return (f"the loss rose to {fmt(v['loss'])}, {times(v['rise'])}x the run's scale ({fmt(v['scale'])}) above its "
                 f"best of {fmt(v['best'])} (threshold {v['threshold']:g}x for {v['patience']} logging steps): "
                 "training is diverging; the learning rate is too high.",
                 "lower the learning rate 10x, e.g. `torch.optim.Adam(model.parameters(), lr=1e-3)`, "
