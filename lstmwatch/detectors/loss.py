@@ -73,6 +73,8 @@ class StalledLoss(Detector):
         v = fact.values
         imp = v["improvement"]
         change = f"{'improved' if imp >= 0 else 'worsened'} {abs(100 * imp):.1f}%"
+        if abs(100 * imp) < 0.05:  # "worsened 0.0%" reads as a contradiction
+            change = "not moved"
         msg = (f"after {v['steps']} steps the loss ({fmt(v['loss'])}) has {change} from its starting level "
                f"({fmt(v['start'])}; progress counts from {100 * v['min_delta']:g}%)")
         typical = v.get("update_ratio")

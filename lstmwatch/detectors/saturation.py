@@ -122,8 +122,13 @@ class GateSaturation(_Saturation):
     def _describe(self, fact: Fact) -> tuple[str, str]:
         v = fact.values
         lab, gate = fact.where.split("/")
-        low = v["sat_left"] >= v["sat_right"]
-        meaning = _GATE_MEANING.get(gate, ("the gate is pinned shut", "the gate is pinned open"))[0 if low else 1]
+        left, right = v["sat_left"], v["sat_right"]
+        if left >= 2 * right or right >= 2 * left:  # one side dominates: the gate is pinned shut or open
+            meaning = _GATE_MEANING.get(gate, ("the gate is pinned shut", "the gate is pinned open"))[
+                0 if left >= right else 1]
+        else:  # both sides: neither shut nor open, an on/off switch
+            meaning = (f"the {gate} gate works as an on/off switch, shut for some units and steps and wide open for "
+                       "the others")
         hint = ("standardize the inputs (see unnormalized_input), check the gate biases (`bias_ih` and `bias_hh`: "
                 "reset, update, new), or lower the learning rate if the saturation grew during training."
                 if self.gru(fact.module) else
