@@ -23,7 +23,7 @@ from .. import keys, recurrence, stats
 from ..interfaces import ModuleInfo
 from ..schedule import Clock
 from ..tape import Tape
-from .hooks import ForwardHookHandle, KernelCallHook
+from .hooks import ForwardHookHandle, KernelCallHook, eager_only
 
 # What describe() reports of a module, when it has it.
 _CONFIG = ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_first", "bias", "dropout", "proj_size")
@@ -81,6 +81,7 @@ class Probe:
 
     cell: recurrence.Cell[Any]  # the module's recurrence: its gates, final states and equations
     kind = ""  # 'lstm', 'gru', 'lstm_cell', 'gru_cell'
+    _traced_said = False  # the note that torch.compile traced the module's forward was made (`_on_grad`)
 
     def __init__(self, name: str, module: nn.Module, clock: Clock):
         self.name, self.module, self.clock = name, module, clock
@@ -289,6 +290,7 @@ class Probe:
         if x.is_floating_point():
             self._mark_sum(DATA_SITE, x.detach().sum(dtype=wide(x.dtype)))
 
+    @eager_only  # a backward run inside a compiled function calls it eagerly: never compiled (hooks.py)
     def _on_grad(self, pname: str, p: Tensor) -> None:
         """A parameter's gradient, accumulated: NaN/Inf watch, and on a logging step its block norms."""
         try:
@@ -302,6 +304,8 @@ class Probe:
                     g = p.grad.detach() if p.grad.requires_grad else p.grad  # create_graph: keep the sum off it
                     self._mark_sum(grad_site(pname), g.sum(dtype=wide(g.dtype)))
                 return
+            if not self._traced_said and self._traced():
+                self._say_traced()
             sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
             if scaled:
                 # Hooks run before unscale_: divide by the scale this backward used. An Inf here is the
@@ -314,6 +318,19 @@ class Probe:
             self._mark_sum(grad_site(pname), sq.sum())
         except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
             self._fail(f"gradient hook of {pname}", exc)
+
+    def _traced(self) -> bool:
+        """Whether torch.compile traced a forward of the module into a graph, where the forward hook does not run
+        (an nn.LSTMCell in a compiled loop; nn.LSTM under torch._dynamo.config.allow_rnn). hooks.py"""
+        return any(isinstance(h, ForwardHookHandle) and h.traced for h in self.handles)
+
+    def _say_traced(self) -> None:
+        """Say once what a forward traced by torch.compile leaves out; the gradient hooks still run."""
+        self._traced_said = True
+        self.notes.append(("compiled", f"{self.name}'s forward is traced into a torch.compile graph, where lstmwatch "
+                           "does not look: its gates, input statistics, update ratio, gradient through time and the "
+                           "NaN/Inf watch of its input are left out while it is; its gradient norms and the NaN/Inf "
+                           "watch of its gradients go on"))
 
     # --- the logging step
     def end_step(self) -> None:

@@ -17,6 +17,7 @@ from .. import keys, recurrence, stats
 from ..gates import weights
 from ..schedule import Clock
 from .base import DATA_SITE, GATES_SITE, Probe, gate_items, gtt_items, recomputing, wide
+from .hooks import eager_only
 
 
 class CellProbe(Probe):
@@ -93,6 +94,7 @@ class CellProbe(Probe):
         if h_out is not None and h_out[0].requires_grad:
             h_out[0].register_hook(partial(self._on_h_grad, len(self._calls) - 1, unbatched))
 
+    @eager_only  # a backward run inside a compiled function calls it eagerly: never compiled (hooks.py)
     def _on_h_grad(self, t: int, unbatched: bool, g: Tensor) -> None:
         try:
             if self._dropped or self._rows is None or t >= len(self._hgrads):  # dropped, or from an earlier step

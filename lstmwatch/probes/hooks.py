@@ -13,6 +13,13 @@ which then stays, emptied of lstmwatch's entries).
 When the module already has forward hooks, the user may hold handles to that dict, and replacing it would
 break them: the hook then goes into the dict as it is, a `ForwardHook` whose copy or pickle is an inert no-op
 made of builtins (a copy carries one entry that does nothing, and loads without lstmwatch).
+
+Under torch.compile, lstmwatch's hooks are never compiled (`eager_only`): an nn.LSTM is not traced by Dynamo, so
+its call, hooks included, runs as plain Python in the middle of a compiled model (and a backward run inside a
+compiled function calls the gradient hooks the same way), where Dynamo would otherwise compile every lstmwatch
+function a hook calls, guard on the clock's step and logging flag, and recompile as they change. A forward
+Dynamo does trace (a module it compiles into a graph, such as an nn.LSTMCell in a compiled loop) passes the
+forward hook by: no guard, no graph break, nothing added to the graph, and that call goes unseen.
 """
 
 from __future__ import annotations
@@ -23,13 +30,31 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 Hook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]  # (module, args, kwargs, output)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def eager_only(fn: F) -> F:
+    """Have torch.compile run `fn` as plain Python, with every function it calls, whenever Dynamo meets a call of
+    it as a frame of its own (a hook called by code that runs eagerly inside a compiled region: an nn.LSTM's call,
+    a backward pass): never compiled, no guard on what it reads, nothing to recompile. Returns `fn` itself: no
+    wrapper, nothing on the call path. A call Dynamo traces inline, as part of a function it compiles, ignores
+    this: the forward hook checks `torch.compiler.is_compiling()` for those. A no-op on torch without per-code
+    frame strategies (torch._C._dynamo.eval_frame.set_code_exec_strategy)."""
+    ef = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    set_strategy = getattr(ef, "set_code_exec_strategy", None)
+    action, strategy = getattr(ef, "_FrameAction", None), getattr(ef, "_FrameExecStrategy", None)
+    code = getattr(fn, "__code__", None)
+    if set_strategy is not None and action is not None and strategy is not None and code is not None:
+        # SKIP this frame and, recursively, the frames it calls: Dynamo's callback is off while it runs.
+        set_strategy(code, strategy(action.SKIP, action.SKIP))
+    return fn
 
 # A forward hook that does nothing, made of builtins alone: object.__init__ of a tuple accepts and ignores any
 # arguments (tuple leaves __init__ to object) and returns None, so the module's output is left as it is.
@@ -70,12 +95,19 @@ class HookTable(OrderedDict[int, Any]):
 class ForwardHook:
     """lstmwatch's forward hook: calls `fn`. Its copy and its pickle are `INERT`."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "traced")
 
     def __init__(self, fn: Hook):
         self.fn = fn
+        self.traced = False  # a call was traced into a torch.compile graph, unseen
 
+    @eager_only
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if torch.compiler.is_compiling():
+            # Traced into a graph: nothing added to it, nothing guarded. The flag is a side effect Dynamo replays
+            # after each run of the graph, without a graph break.
+            self.traced = True
+            return
         self.fn(module, args, kwargs, output)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
@@ -95,11 +127,17 @@ class ForwardHookHandle:
             for name in _TABLES:
                 setattr(module, name, HookTable(getattr(module, name)))
         # First: lstmwatch sees the module's own output, before a user's hook changes it (out[0]).
-        self.handle: RemovableHandle = module.register_forward_hook(ForwardHook(fn), with_kwargs=True, prepend=True)
+        self.hook = ForwardHook(fn)
+        self.handle: RemovableHandle = module.register_forward_hook(self.hook, with_kwargs=True, prepend=True)
         for name in _TABLES:
             table = getattr(module, name)
             if isinstance(table, HookTable):
                 table.hidden.add(self.handle.id)
+
+    @property
+    def traced(self) -> bool:
+        """Whether torch.compile traced a call of the module into a graph, where the hook does not run."""
+        return self.hook.traced
 
     def remove(self) -> None:
         """Remove the hook; give the module plain hook dicts back when nothing else is in them. Safe twice."""
@@ -132,6 +170,7 @@ _WRAPPED: dict[type, tuple[Any, Any, int]] = {}  # class -> (original forward, w
 
 
 def _wrap(original: Any) -> Any:
+    @eager_only  # run eagerly inside a compiled region (a subclass's forward Dynamo did not trace): never compiled
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # traced: the outer hook reads the call as it always did
             return original(self, *args, **kwargs)

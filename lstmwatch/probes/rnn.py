@@ -20,7 +20,7 @@ from ..gates import SeqBatch, Weights, rnn_params
 from ..schedule import Clock
 from .base import GATES_SITE, Probe, gate_items, gtt_items
 from .capture import Capture, capture, read_call, read_input
-from .hooks import KernelCallHook, overrides_forward
+from .hooks import KernelCallHook, eager_only, overrides_forward
 
 
 class Part(NamedTuple):
@@ -82,6 +82,7 @@ class RNNProbe(Probe):
         w = self._forward_weights.get("weight_hh_l0")
         return w is not None and (m.num_layers == 1 or m.dropout == 0 or not m.training) and out.dtype == w.dtype
 
+    @eager_only  # a backward run inside a compiled function calls it eagerly: never compiled (hooks.py)
     def _on_out_grad(self, cap: Capture, key: str, g: Tensor | None) -> None:
         # The output-gradient hook, a method of the probe so that benchmarks/overhead.py can time it per probe.
         try:
