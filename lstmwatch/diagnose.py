@@ -14,8 +14,9 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "unnormalized_input": ("gate_saturation", "hidden_saturation", "exploding_gradient", "vanishing_gradient",
                            "stalled_loss", "diverging_loss", "nonfinite"),
     "padding": ("hidden_saturation", "gate_saturation", "vanishing_gradient", "stalled_loss"),
-    "exploding_gradient": ("diverging_loss", "nonfinite", "gate_saturation", "hidden_saturation", "stalled_loss"),
-    "diverging_loss": ("nonfinite", "gate_saturation", "hidden_saturation", "stalled_loss"),
+    "exploding_gradient": ("diverging_loss", "nonfinite", "gate_saturation", "hidden_saturation", "stalled_loss",
+                           "unnormalized_input"),
+    "diverging_loss": ("nonfinite", "gate_saturation", "hidden_saturation", "stalled_loss", "unnormalized_input"),
     "no_gradient": ("stalled_loss", "not_updated"),
     "not_updated": ("stalled_loss",),
     "vanishing_gradient": ("stalled_loss", "gate_saturation"),
@@ -56,6 +57,10 @@ def _explains(cause: Event, effect: Event) -> bool:
         return False  # first seen in the input batch: it comes from outside training, nothing in the run explains it
     # A non-finite value is the root of everything after it, wherever it first appeared.
     same_place = cause.kind == "nonfinite" or not cause.module or not effect.module or cause.module == effect.module
+    if effect.kind == "unnormalized_input" and cause.step >= effect.step:
+        # Inputs that grew only after the weights blew up (an embedding or a lower layer trained at too high a
+        # learning rate) are a consequence; inputs unnormalized from the start are the root.
+        return False
     return same_place and effect.kind in CAUSES.get(cause.kind, ()) and cause.step <= effect.step
 
 

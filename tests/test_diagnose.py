@@ -280,3 +280,18 @@ def test_set_forget_bias_counts_every_lstm_in_a_model_and_keeps_training_working
 def test_set_forget_bias_without_any_lstm_bias_raises(model):
     with pytest.raises(ValueError, match="no nn.LSTM"):
         set_forget_bias(model)
+
+
+def test_inputs_that_grew_after_the_weights_blew_up_hang_under_the_explosion():
+    # Adam at a word LM's SGD learning rate: the update blows the embedding up at step 1, the LSTM's inputs (the
+    # embedding's output) read unnormalized only from step 2. The cause is the learning rate, not the data.
+    found = diagnose([ev(1, "exploding_gradient"), ev(2, "unnormalized_input"), ev(2, "gate_saturation"),
+                      ev(16, "diverging_loss", module="")])
+    assert roots(found) == [("exploding_gradient", M)]
+    assert explained(found[0]) == ["unnormalized_input", "gate_saturation", "diverging_loss"]
+
+
+def test_inputs_unnormalized_from_the_start_stay_the_root():
+    found = diagnose([ev(1, "unnormalized_input"), ev(1, "exploding_gradient"), ev(2, "gate_saturation")])
+    assert roots(found) == [("unnormalized_input", M)]
+    assert explained(found[0]) == ["exploding_gradient", "gate_saturation"]
