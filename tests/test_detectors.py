@@ -821,3 +821,18 @@ def test_huge_ratios_in_messages_read_as_numbers():
 
     assert times(7.29) == "7.3" and times(42.4, 0) == "42"
     assert times(1485258861474897379291614446354432.0) == "1.49e+33"
+
+
+def test_a_loss_that_blew_up_is_diverging_not_stalled_by_a_low_learning_rate():
+    # A float64 model trained at too high a learning rate: the loss reaches 1e120 and stays there, and the
+    # updates look tiny only against weights that blew up. diverging_loss names it; stalled_loss stays quiet.
+    steps = log_steps(12)
+    blown = [rec(s, 0.5 if s < 100 else 1e120, {f"{M}/l0/update_ratio": 1e-3 if s < 100 else 1e-9}) for s in steps]
+    assert feed(StalledLoss(), blown) == []
+    # Blown up within the first 50 steps, so the starting level itself is huge: read against the best loss.
+    early = [rec(s, 0.5 if s < 8 else 1e120, {f"{M}/l0/update_ratio": 1e-3 if s < 8 else 1e-9}) for s in steps]
+    assert feed(StalledLoss(), early) == []
+    assert [e.kind for e in feed(DivergingLoss(), blown)][:1] == ["diverging_loss"]
+    # Worse, but not several times the start: still a stall with its cause.
+    worse = [rec(s, 0.5 if s < 100 else 0.6, {f"{M}/l0/update_ratio": 4e-8}) for s in steps]
+    assert [e.kind for e in feed(StalledLoss(), worse)] == ["stalled_loss"]
