@@ -836,3 +836,19 @@ def test_a_loss_that_blew_up_is_diverging_not_stalled_by_a_low_learning_rate():
     # Worse, but not several times the start: still a stall with its cause.
     worse = [rec(s, 0.5 if s < 100 else 0.6, {f"{M}/l0/update_ratio": 4e-8}) for s in steps]
     assert [e.kind for e in feed(StalledLoss(), worse)] == ["stalled_loss"]
+
+
+def test_a_loss_exactly_constant_from_the_first_step_is_called_at_once():
+    # A loss rebuilt outside autograd: bit-for-bit the same on every record, the weights moved by weight decay
+    # only. Called at the fifth record (step 16), not after 200 steps, and not "a normal rate".
+    zero = {"grad_norm": 0.0, f"{M}/grad_norm": 0.0, f"{M}/l0/grad_norm": 0.0, f"{M}/l0/update_ratio": 1e-3}
+    flat = [rec(s, 0.6931, zero) for s in log_steps(10)]
+    e = feed(StalledLoss(), flat)
+    assert [x.step for x in e] == [16]
+    assert "exactly 0.693" in e[0].message and "normal rate" not in e[0].message and ".item()" in e[0].hint
+    # A loss that moved once is not constant, however flat it is afterwards.
+    moved = [rec(s, 0.6931 if s != 2 else 0.6932, zero) for s in log_steps(10)]
+    assert [x.step for x in feed(StalledLoss(), moved)] == [200]
+    # Constant with gradients (a frozen model on one batch): not this finding (not_updated's, or the plain stall).
+    frozen = [rec(s, 0.6931) for s in log_steps(10)]
+    assert [x.step for x in feed(StalledLoss(), frozen)] == [200]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from .. import keys
@@ -16,6 +17,7 @@ def _sign(mode: str) -> float:
     return 1.0 if mode == "min" else -1.0
 
 
+CONSTANT_RECORDS = 5  # logging records in a row, from the first, with exactly the same loss: steps 1 to 16
 DIVERGED = 3.0  # a loss this many times its starting level or its best is diverging, never stalled
 
 class StalledLoss(Detector):
@@ -30,7 +32,7 @@ class StalledLoss(Detector):
 
     kind = "stalled_loss"
     needs_trend = True
-    _state = ("tiny", "ratios")
+    _state = ("tiny", "ratios", "first_loss", "same")
 
     def __init__(self, patience: int = 200, min_delta: float = 0.05, mode: str = "min", tiny_update: float = 1e-5,
                  tiny_patience: int = 3, low_update: float = 1e-4, low_patience: int = 50):
@@ -41,11 +43,25 @@ class StalledLoss(Detector):
         self.sign = _sign(mode)
         self.tiny = Streak()
         self.ratios: list[float] = []  # the update ratios of the last 5 records that moved the weights
+        self.first_loss: float | None = None  # the first record's loss
+        self.same = 0  # records in a row from the first whose loss is exactly first_loss (0 once one differs)
 
     def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
         r = record.max_update_ratio()
         if r is not None and r > 0:  # no update at all is not_updated's (or no_gradient's) finding
             self.ratios = (self.ratios + [r])[-5:]
+        # A loss bit-for-bit the same on every record from the first, no gradient reaching the weights: the loss
+        # does not depend on them at all.
+        # (With no gradient at all: a constant loss whose gradients are not zero is a frozen model on one batch.)
+        grad = record.get(keys.GRAD_NORM)
+        if record.loss is not None and math.isfinite(record.loss) and not grad:
+            if self.first_loss is None:
+                self.first_loss, self.same = record.loss, 1
+            elif self.same and record.loss == self.first_loss:
+                self.same += 1
+            else:
+                self.same = 0
+        constant = self.same >= CONSTANT_RECORDS
         imp = trend.improvement(self.sign)
         if imp is None:
             return []
@@ -63,7 +79,7 @@ class StalledLoss(Detector):
         best = trend.best(self.sign)
         diverged = imp <= -(DIVERGED - 1) or (self.sign > 0 and best is not None and best > 0
                                                and trend.latest is not None and trend.latest > DIVERGED * best)
-        active = active and not diverged
+        active = (active and not diverged) or constant
         # Cleared only once clearly learning: a loss that hovers at the threshold is raised once.
         if not self.latch.check("", active, 1.0, imp < 2 * self.min_delta, record.step):
             return []
@@ -74,7 +90,8 @@ class StalledLoss(Detector):
         if typical is not None:
             values["update_ratio"] = typical
         # What the update ratio says of the learning rate (healthy is about 1e-3 of the weights per step).
-        cause = "lr_low" if low else "lr_high" if typical is not None and typical > 1e-2 else "data"
+        cause = "constant" if constant else "lr_low" if low else "lr_high" if typical is not None and typical > 1e-2 \
+            else "data"
         return [Fact("", variant=cause, values=values)]
 
     def _describe(self, fact: Fact) -> tuple[str, str]:
@@ -86,7 +103,13 @@ class StalledLoss(Detector):
         msg = (f"after {v['steps']} steps the loss ({fmt(v['loss'])}) has {change} from its starting level "
                f"({fmt(v['start'])}; progress counts from {100 * v['min_delta']:g}%)")
         typical = v.get("update_ratio")
-        if fact.variant == "lr_low":
+        if fact.variant == "constant":
+            msg = (f"the loss has been exactly {fmt(v['loss'])} on every logging step since the first ({v['steps']} "
+                   "steps): it does not depend on the weights, so no gradient reaches them and whatever moves them "
+                   "(weight decay) is not learning")
+            hint = ("compute the loss from the model's output tensor without leaving autograd: no `.item()`, "
+                    "`.detach()`, `.numpy()` or `torch.tensor(...)` rewrap between the output and `loss.backward()`.")
+        elif fact.variant == "lr_low":
             msg += (f", and each optimizer step changes the weights by only {fmt(v['update_ratio'])} of their norm "
                     "(healthy is about 1e-3): the learning rate is too low")
             hint = ("raise the learning rate 10x-100x (e.g. `torch.optim.Adam(model.parameters(), lr=1e-3)`), or "
