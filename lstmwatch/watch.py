@@ -62,7 +62,10 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
         raise TypeError(f"lstmwatch.watch needs an nn.Module, got {type(model).__name__}")
     root = unwrap(model)
     # The root is named by its type; weight_norm and other parametrizations subclass it as Parametrized<Type>.
-    found = [(name or type(m).__name__.lower().removeprefix("parametrized"), m)
+    # A submodule compiled in place (`model.rnn = torch.compile(model.rnn)`) holds it as `_orig_mod`: named as
+    # the user named it, `rnn`.
+    found = [(name.replace("._orig_mod", "").removeprefix("_orig_mod.").removesuffix("_orig_mod").rstrip(".")
+              or type(m).__name__.lower().removeprefix("parametrized"), m)
              for name, m in root.named_modules() if probe_for(m)]
     if not found:
         kinds = sorted({type(m).__name__ for m in root.modules()})

@@ -198,3 +198,17 @@ def test_a_traced_forward_adds_nothing_to_the_graph_and_is_said(rnn):
         assert r.stats["rnn/grad_norm"] > 0
         assert not any("/forget/sat_right" in k or "/update_ratio" in k for k in r.stats)
     assert len(notes) == 1 and "traced into a torch.compile graph" in notes[0]
+
+
+def test_a_submodule_compiled_in_place_is_named_as_the_user_named_it():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True)
+
+    net = Net()
+    net.rnn = torch.compile(net.rnn, backend="eager")
+    with lstmwatch.watch(net, console=False) as w:
+        assert w.modules == ["rnn"]
+    with lstmwatch.watch(torch.compile(nn.LSTM(3, 4), backend="eager"), console=False) as w:
+        assert w.modules == ["lstm"]
