@@ -89,11 +89,22 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, quick=args.quick, plots=not args.no_plots)
 
 
+PROGRESS_BYTES = 5 * 2**20  # logs from this size on: `lstmwatch report` says what it is doing
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report.html import plots_missing, write
 
     path = find_log(args.run)
+    # A large log (thousands of records, tens of MB) takes seconds to read and draw: say what is happening.
+    big = os.path.isfile(path) and os.path.getsize(path) >= PROGRESS_BYTES
+    if big:
+        print(f"lstmwatch: reading {os.path.basename(path)} ({os.path.getsize(path) / 2**20:.0f} MB)", file=sys.stderr,
+              flush=True)
     run = read(path)
+    if big:
+        print(f"lstmwatch: {len(run.records)} records, {len(run.events)} events; drawing the report", file=sys.stderr,
+              flush=True)
     out = args.output or _default_output(path)
     if os.path.isdir(out):
         out = os.path.join(out, _default_output(os.path.basename(path)))

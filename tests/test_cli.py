@@ -182,3 +182,15 @@ def test_demo_quick_writes_loadable_logs_and_reports(tmp_path):
                    ("OK", "FOUND", "MISSED", "ALARM"))
     assert (out / "index.html").exists()
     assert str(out.relative_to(tmp_path)) in r.stdout
+
+
+def test_report_on_a_large_log_says_what_it_is_doing(capsys, log, tmp_path, monkeypatch):
+    import lstmwatch.cli as cli
+
+    monkeypatch.setattr(cli, "PROGRESS_BYTES", 1)  # every log counts as large
+    assert main(["report", str(log), "-o", str(tmp_path / "r.html"), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "lstmwatch: reading tiny.jsonl" in err and "records" in err and "drawing the report" in err
+    monkeypatch.setattr(cli, "PROGRESS_BYTES", 2**40)
+    assert main(["report", str(log), "-o", str(tmp_path / "r.html"), "--no-plots"]) == 0
+    assert "reading" not in capsys.readouterr().err  # a small log: nothing but the result
