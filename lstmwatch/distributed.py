@@ -72,7 +72,14 @@ class Ranks:
         self.rank, self.size = world()
         self.wait_s = wait_s
         self._id = next(_IDS)
-        self._store: Any = _store() if self.size > 1 else None
+        self._store: Any = None
+        if self.size > 1:
+            try:
+                self._store = _store()
+            except Exception:  # noqa: BLE001 - a private torch API: without it, rank 0 reports its own values
+                warnings.warn("lstmwatch: torch.distributed's key-value store cannot be reached, so the ranks' "
+                              "statistics are not combined: rank 0 reports its own batch's only",
+                              LSTMWatchFailure, stacklevel=user_stacklevel())
         self._silent: set[int] = set()  # ranks that missed a logging step: not waited for until they report
 
     @property
@@ -86,8 +93,8 @@ class Ranks:
     def gather(self, step: int, values: Values, curves: Curves) -> list[tuple[int, Values, Curves]] | None:
         """Every rank's (rank, values, curves) of `step` on rank 0, its own first; None on other ranks (which
         only hand theirs over)."""
-        if self.size == 1:
-            return [(0, values, curves)]
+        if self.size == 1 or self._store is None:
+            return [(self.rank, values, curves)] if self.leader else None
         if not self.leader:
             self._store.set(self._key(step, self.rank), pickle.dumps((values, curves)))
             return None

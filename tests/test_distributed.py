@@ -108,3 +108,24 @@ def test_combine_key_by_key_and_name_the_rank_a_fault_came_from():
     assert named[1].message.endswith("(on rank 1 of 3)")
     assert named[2] == events[2]  # run-wide: no rank to name
     assert combine(parts[:1]) == (parts[0][1], parts[0][2], {})  # one process: as it was
+
+
+def test_without_the_store_rank0_reports_its_own_and_the_others_nothing(monkeypatch):
+    import warnings
+
+    import lstmwatch
+    from lstmwatch import distributed
+
+    def no_store():
+        raise AttributeError("_get_default_store")
+
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world", lambda r=rank: (r, 2))
+        monkeypatch.setattr(distributed, "_store", no_store)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ranks = distributed.Ranks()
+        assert any("cannot be reached" in str(c.message) for c in caught)
+        assert issubclass(caught[0].category, lstmwatch.LSTMWatchFailure)
+        got = ranks.gather(1, {"loss": 1.0}, {})
+        assert got == ([(0, {"loss": 1.0}, {})] if rank == 0 else None)
