@@ -31,6 +31,7 @@ class Clock:
 
     step: int = 1  # the step in progress (1-based)
     logging: bool = True  # whether the step in progress is a logging step
+    ran: bool = False  # whether a training forward or backward of the step in progress ran (the probes' hooks)
     sample: int = 8
     generator: torch.Generator | None = None
     scaler: object | None = None  # a torch.amp.GradScaler whose scale divides the gradients
@@ -51,6 +52,7 @@ class Clock:
         """Move to the next step."""
         self.step += 1
         self.logging = self.is_logging(self.step)
+        self.ran = False
 
     def seek(self, step: int) -> None:
         """Continue a resumed run at `step`."""

@@ -190,6 +190,7 @@ class Watcher:
         self.header = Header.of([ModuleInfo(p.name, p.kind, p.describe()) for p in self.probes], log_every, sample,
                                 self.ranks.size, name or "")
         for s in self.sinks:
+            self._call(s, "follow", self.clock)  # a sink that places records by the user's steps (W&B)
             self._call(s, "start", self.header)
 
     # --- public

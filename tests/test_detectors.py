@@ -530,6 +530,26 @@ def test_vanishing_through_time_needs_a_stalled_loss():
     assert feed(VanishingGradient(), _flat(1e-12, update=1e-7)) == []
 
 
+def test_vanishing_through_time_to_nothing_is_named_early_while_the_loss_moves_a_little():
+    # A deep stack on long sequences: the first steps get 1e-33 of the last step's gradient (or an underflow to
+    # 0) while the loss falls a few percent on a late cue. Named at the second record from step 8, not at 150.
+    def run(gtt, loss=lambda s: 0.70 - 0.02 * min(s, 200) / 200, update=1e-3):
+        return [rec(s, loss(s), {f"{M}/gtt/ratio": gtt, f"{M}/l0/gtt/ratio": gtt, f"{M}/l0/update_ratio": update})
+                for s in log_steps(12)]
+
+    for dead in (0.0, 1e-33):
+        e = feed(VanishingGradient(), run(dead))
+        assert kinds(e) == ["vanishing_gradient"] and e[0].step == 16, e
+        assert "timestep" in e[0].message and "in 16 steps" in e[0].message
+    # A healthy forecaster's tiny ratio still waits for a long stall; so does a dead one with dead= lowered.
+    assert feed(VanishingGradient(), run(1e-12))[0].step == 150
+    assert feed(VanishingGradient(dead=1e-40), run(1e-33))[0].step == 150
+    # A loss that learns (10% down by step 8), one that diverges, or weights that do not move: not this fault.
+    assert feed(VanishingGradient(), run(0.0, loss=lambda s: 0.7 * 0.97 ** s)) == []
+    assert feed(VanishingGradient(), run(0.0, loss=lambda s: 0.7 * 2 ** min(s, 60))) == []
+    assert feed(VanishingGradient(), run(0.0, update=1e-7)) == []
+
+
 def test_no_gradient_patience_and_the_two_causes():
     f = FAULTS["no_gradient"]
     e = f.play("b" * 10)

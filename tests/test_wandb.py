@@ -229,6 +229,135 @@ def test_explicit_user_steps_never_dropped(run, tmp_path):
     assert sorted(r["lstmwatch/step"] for r in off.rows if "lstmwatch/step" in r) == [r.step for r in w.records]
 
 
+# --- lstmwatch's values in the row of the user's values of the same training step
+def loop(user, *, after: bool, steps: int = 12, log_every: int = 2, **options):
+    """Train; at each training step t (1-based, as lstmwatch counts) the user's own logging user(t) runs
+    after watcher.step(loss) if `after`, else before it."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = lstmwatch.watch(model, log_every=log_every, console=False, **options)
+    for t in range(1, steps + 1):
+        loss = (model(torch.randn(4, 6, 3)) - 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if not after:
+            user(t)
+        w.step(loss)
+        if after:
+            user(t)
+    w.close()
+    return w
+
+
+def aligned(run, tmp_path, w, logged: list[int]) -> Offline:
+    """The contract, from the rows read back: every value of the user's there (`logged`: the training steps
+    they logged `train/step` of), every record's lstmwatch/step exactly once, and each record of a step the
+    user logged in the row of their values of that step, no record in a row of theirs of another step."""
+    run.finish()
+    off = Offline(tmp_path)
+    assert [r["train/step"] for r in off.rows if "train/step" in r] == logged
+    ours = [r["lstmwatch/step"] for r in off.rows if "lstmwatch/step" in r]
+    assert sorted(ours) == [r.step for r in w.records]
+    both = [r for r in off.rows if "train/step" in r and "lstmwatch/step" in r]
+    assert all(r["train/step"] == r["lstmwatch/step"] for r in both), [(r["train/step"], r["lstmwatch/step"])
+                                                                      for r in both]
+    assert {r["lstmwatch/step"] for r in both} == set(logged) & set(ours)
+    return off
+
+
+STEPS = {"step=t": lambda t: t, "step=t-1": lambda t: t - 1, "step=100+t": lambda t: 100 + t,
+         "samples seen": lambda t: 32 * t}
+
+
+@pytest.mark.parametrize("after", [True, False], ids=["log after step", "log before step"])
+@pytest.mark.parametrize("scale", list(STEPS))
+def test_explicit_steps_same_row(run, tmp_path, after, scale):
+    # (a) watcher.step(loss); wandb.log(..., step=s): W&B keeps the row of the step before open until this
+    # call, and the record of step t used to land there, one row off. (b) the user logs first.
+    def user(t):
+        run.log({"train/step": t}, step=STEPS[scale](t))
+        run.log({"train/again": t}, step=STEPS[scale](t))  # a second call into the same row
+
+    w = loop(user, after=after, wandb=run)
+    off = aligned(run, tmp_path, w, list(range(1, 13)))
+    user_rows = [r for r in off.rows if "train/step" in r]
+    assert [r["_step"] for r in user_rows] == [STEPS[scale](t) for t in range(1, 13)]
+    assert all(r["train/again"] == r["train/step"] for r in user_rows)
+
+
+@pytest.mark.parametrize("after", [True, False], ids=["log after step", "log before step"])
+def test_implicit_steps_same_row(run, tmp_path, after):
+    # (c) no step=: each call commits its row, the next one opens.
+    w = loop(lambda t: wandb.log({"train/step": t}), after=after, wandb=True)
+    off = aligned(run, tmp_path, w, list(range(1, 13)))
+    assert [r["_step"] for r in off.rows if "train/step" in r] == list(range(12))  # the user's count, ours apart
+
+
+@pytest.mark.parametrize("after", [True, False], ids=["log after step", "log before step"])
+@pytest.mark.parametrize("steps", [12, 14], ids=["ends on a user row", "ends after it"])
+@pytest.mark.parametrize("explicit", [True, False], ids=["step=global step", "no step="])
+def test_user_logs_every_k_steps(run, tmp_path, after, steps, explicit):
+    # (d) the user logs every 3 steps, lstmwatch on its own schedule (1, 2, 4, 6, ...): records of the other
+    # steps get rows of their own, never the user's.
+    def user(t):
+        if t % 3 == 0:
+            run.log({"train/step": t}, step=t) if explicit else run.log({"train/step": t})
+
+    w = loop(user, after=after, steps=steps, wandb=run)
+    off = aligned(run, tmp_path, w, [t for t in range(1, steps + 1) if t % 3 == 0])
+    if explicit:
+        assert [r["_step"] for r in off.rows if "train/step" in r] == [3, 6, 9, 12]
+
+
+def test_coarse_user_steps_are_never_dropped(run, tmp_path):
+    # step= in epochs, while lstmwatch logs every step: there are fewer rows than records. The user's values
+    # come first: all of them stay, at their steps, and lstmwatch says once that its records share rows.
+    def user(t):
+        if t % 4 == 0:
+            run.log({"train/epoch": t // 4}, step=t // 4)
+
+    with pytest.warns(LSTMWatchWarning, match="grow slower than the training step"):
+        loop(user, after=True, log_every=1, wandb=run)
+    run.finish()
+    rows = [r for r in Offline(tmp_path).rows if "train/epoch" in r]
+    assert [(r["_step"], r["train/epoch"]) for r in rows] == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_records_wait_for_the_users_first_call_a_bounded_while(run, tmp_path, monkeypatch):
+    # (e) no call of the user's yet: how they count rows is unknown, so records wait for it; MAX_HELD at most,
+    # then they stream, a row each, and every one is there at the end.
+    monkeypatch.setattr("lstmwatch.sinks.wandb.MAX_HELD", 3)
+    model = Net()
+    w = lstmwatch.watch(model, log_every=1, console=False, wandb=run)
+    for _ in range(10):
+        model(torch.randn(4, 6, 3)).sum().backward()
+        w.step(1.0)
+    assert run._local_step >= 10 - 3 - 1  # rows written while training, all but the few held
+    w.close()
+    run.finish()
+    assert [r["lstmwatch/step"] for r in Offline(tmp_path).rows] == list(range(1, 11))
+
+
+def test_a_run_without_log_internals_gets_the_plain_merge():
+    from lstmwatch.schedule import Clock
+
+    run = StubRun()  # no run._log: nothing to stand in for
+    sink = WandbSink(run)
+    sink.follow(Clock.start(1))
+    sink.write(Record(1, 1.0, {"loss": 1.0}))
+    sink.write(Record(2, 1.0, {"loss": 1.0}))
+    assert [d.get("lstmwatch/step") for d in run.logged] == [1, None, 2] and run._local_step == 1
+
+
+def test_the_runs_log_is_its_own_again_after_close(run):
+    w = lstmwatch.watch(Net(), console=False, wandb=run)
+    assert "_log" in vars(run)
+    w.close()
+    assert "_log" not in vars(run)
+
+
 def test_a_row_per_record_when_the_user_logs_nothing(run, tmp_path):
     w = train(wandb=run)
     run.finish()

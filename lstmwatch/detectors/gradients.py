@@ -115,6 +115,10 @@ class VanishingGradient(KnowsType, Detector):
     the early steps get nothing; judged only together with a loss that has not improved by `min_delta`
     after `loss_patience` steps while the weights move by at least `min_update` of their norm per step
     (a stall with tiny updates is the learning rate's), because healthy forecasters also have tiny ratios.
+    dead: a ratio below this (the first steps get nothing a float sum could keep; healthy forecasters stay
+    above 1e-13) needs no long stall: from step `dead_steps` on, a loss still within `min_delta` of its first
+    steps' level on two records in a row is enough. Without it, a deep stack on long sequences whose loss
+    falls a little on a faint late cue was named only after `loss_patience` steps, half of a short run.
     """
 
     kind = "vanishing_gradient"
@@ -122,9 +126,10 @@ class VanishingGradient(KnowsType, Detector):
     _state = ("updates",)
 
     def __init__(self, threshold: float = 1e-2, through_time: float = 1e-6, patience: int = 3,
-                 loss_patience: int = 100, min_delta: float = 0.05, min_update: float = 1e-4):
+                 loss_patience: int = 100, min_delta: float = 0.05, min_update: float = 1e-4,
+                 dead: float = 1e-20, dead_steps: int = 8):
         super().__init__()
-        self.min_update = min_update
+        self.min_update, self.dead, self.dead_steps = min_update, dead, dead_steps
         self.updates: dict[str, float] = {}  # module -> its latest measured update ratio
         self.threshold, self.through_time, self.patience = threshold, through_time, patience
         self.loss_patience, self.min_delta = loss_patience, min_delta
@@ -151,13 +156,28 @@ class VanishingGradient(KnowsType, Detector):
             self.updates[m] = u
         # A stall with tiny updates is the learning rate's fault, not the gradient's path through time.
         moving = self.updates.get(m, 0.0) >= self.min_update
-        no_memory = trend.stalled(self.loss_patience, self.min_delta) and moving and finite(r) and r < self.through_time
-        present |= no_memory
-        if fact is None and self.streak.update(m + "/time", no_memory, record.step) >= 2 and finite(r):
+        stalled = trend.stalled(self.loss_patience, self.min_delta) and not trend.diverged()
+        no_memory = stalled and moving and finite(r) and r < self.through_time
+        # The smoothed trend cannot say "stalled" before loss_patience steps; against the first steps' level
+        # the latest record's loss can, for a ratio no healthy run comes near.
+        early = self._early_improvement(record, trend)
+        dead = (not no_memory and moving and finite(r) and r < self.dead and record.step >= self.dead_steps
+                and early is not None and -0.5 < early < self.min_delta)
+        present |= no_memory or dead
+        if fact is None and self.streak.update(m + "/time", no_memory or dead, record.step) >= 2 and finite(r):
+            imp = trend.improvement() if no_memory else early
             fact = Fact(m, variant="time", values={"ratio": r, "threshold": self.through_time,
-                                                   "improvement": trend.improvement() or 0.0, "steps": trend.step})
+                                                   "improvement": imp or 0.0, "steps": record.step})
             bad = 1 / max(r, 1e-30)
         return fact if self.latch.check(m, fact is not None, bad, present, record.step) else None
+
+    @staticmethod
+    def _early_improvement(record: Record, trend: LossTrend) -> float | None:
+        """The record's mean loss against the first two steps' (0.1 = 10% lower); None when either is missing."""
+        loss, start = record.get(keys.LOSS_MEAN), trend.level0(2)
+        if not finite(loss) or start is None or not math.isfinite(start) or trend.broken:
+            return None
+        return (start - loss) / max(abs(start), 1e-12)
 
     def _describe(self, fact: Fact) -> tuple[str, str]:
         v = fact.values
@@ -166,9 +186,11 @@ class VanishingGradient(KnowsType, Detector):
                     f"against {fmt(v['last'])}; threshold {v['threshold']:g}) for {v['records']} logging steps: the "
                     "first layers of the stack barely learn")
         else:
+            imp = v["improvement"]
+            loss = (f"improved only {100 * imp:.1f}%" if imp >= 0.0005 else "has not improved")
             what = (f"dL/dh at the first timestep is {fmt(v['ratio'])} of that at the last (threshold "
-                    f"{v['threshold']:g}) while the loss improved only {100 * v['improvement']:.1f}% in "
-                    f"{v['steps']} steps: the early timesteps get no gradient, so what they hold cannot be learned")
+                    f"{v['threshold']:g}) while the loss {loss} in {v['steps']} steps: the early timesteps get no "
+                    "gradient, so what they hold cannot be learned")
         if self.gru(fact.module):  # a GRU has no forget gate: its update gate z carries the state
             return (what + ".", "use fewer layers or residual connections between them, shorter sequences or "
                     "truncated backpropagation through time, and a positive update-gate bias (the second third of "

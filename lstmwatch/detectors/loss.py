@@ -18,7 +18,6 @@ def _sign(mode: str) -> float:
 
 
 CONSTANT_RECORDS = 5  # logging records in a row, from the first, with exactly the same loss: steps 1 to 16
-DIVERGED = 3.0  # a loss this many times its starting level or its best is diverging, never stalled
 
 class StalledLoss(Detector):
     """The loss has not improved relative to the start of the run.
@@ -76,10 +75,7 @@ class StalledLoss(Detector):
         active = n_tiny >= self.tiny_patience or (low and stalled(self.low_patience)) or stalled(self.patience)
         # A loss several times its starting level has diverged (diverging_loss names it): updates that look tiny
         # there are tiny against weights that blew up, not a learning rate too low.
-        best = trend.best(self.sign)
-        diverged = imp <= -(DIVERGED - 1) or (self.sign > 0 and best is not None and best > 0
-                                               and trend.latest is not None and trend.latest > DIVERGED * best)
-        active = (active and not diverged) or constant
+        active = (active and not trend.diverged(self.sign)) or constant
         # Cleared only once clearly learning: a loss that hovers at the threshold is raised once.
         if not self.latch.check("", active, 1.0, imp < 2 * self.min_delta, record.step):
             return []

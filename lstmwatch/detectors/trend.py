@@ -12,6 +12,7 @@ from ..record import Record
 # Steps over which the starting level is averaged: 50 for "has the loss improved from its start", 2 for
 # divergence, so a run that diverges at once does not pull its own yardstick up.
 START_STEPS = (2, 50)
+DIVERGED = 3.0  # a loss this many times its starting level or its best is diverging, never stalled
 
 
 class LossTrend:
@@ -92,6 +93,15 @@ class LossTrend:
         when that is min_steps or later. The one definition of a stalled loss every detector uses."""
         imp = self.improvement(sign)
         return imp is not None and (self.step if step is None else step) >= min_steps and imp < min_delta
+
+    def diverged(self, sign: float = 1.0) -> bool:
+        """The latest loss is DIVERGED times its starting level, or (a loss, not a score) its best: divergence,
+        which no detector may read as a stall."""
+        imp = self.improvement(sign)
+        if imp is not None and imp <= -(DIVERGED - 1):
+            return True
+        best = self.best(sign)
+        return sign > 0 and best is not None and best > 0 and self.latest is not None and self.latest > DIVERGED * best
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able values: enough to resume the trend from a checkpoint."""

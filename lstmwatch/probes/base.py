@@ -265,7 +265,7 @@ class Probe:
         try:
             if not torch.is_grad_enabled():  # an evaluation pass, not the training step
                 return
-            self._ran = self._seen = True
+            self._ran = self._seen = self.clock.ran = True
             self._check_params()  # before the snapshot: the weights this forward runs with
             if self.clock.logging and self._weights is None and not self._dropped:
                 self._snapshot(module)
@@ -294,6 +294,7 @@ class Probe:
     def _on_grad(self, pname: str, p: Tensor) -> None:
         """A parameter's gradient, accumulated: NaN/Inf watch, and on a logging step its block norms."""
         try:
+            self.clock.ran = True
             if p.grad is None:
                 return
             scaler: Any = self.clock.scaler  # a torch.amp.GradScaler, or None
