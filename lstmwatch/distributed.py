@@ -141,6 +141,12 @@ def combine(parts: list[tuple[int, Values, Curves]]) -> tuple[Values, Curves, di
         if how is keys.Combine.NORM:
             values[k] = math.sqrt(sum(x * x for x in xs) / len(xs))
         elif how in (keys.Combine.MAX, keys.Combine.MIN, keys.Combine.FIRST):
+            nan = [r for r, x in got if math.isnan(x)]
+            if nan:  # a statistic NaN on a rank is NaN for the job (max() and min() would depend on the order)
+                values[k] = math.nan
+                if len(nan) < len(got):
+                    source[k] = nan[0]
+                continue
             pick = max if how is keys.Combine.MAX else min
             values[k] = pick(xs)
             if len(set(xs)) > 1:

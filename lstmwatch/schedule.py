@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tripwire import Tripwire
+
 Schedule = Callable[[int], bool]
 
 
@@ -36,6 +38,7 @@ class Clock:
     generator: torch.Generator | None = None
     scaler: object | None = None  # a torch.amp.GradScaler whose scale divides the gradients
     rule: Schedule | None = None  # the schedule; None: every step is a logging step
+    trip: Tripwire | None = None  # the tapes' NaN/Inf tripwire, which can bring a record forward
 
     @classmethod
     def start(cls, log_every: int | Schedule, sample: int = 8, generator: torch.Generator | None = None,

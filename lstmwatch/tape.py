@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from .tripwire import Tripwire
+
 SLOTS = 64  # steps buffered between reductions
 
 
@@ -22,7 +24,8 @@ class Tape:
     """Per-step values of a fixed shape (0-d, or (sites,)): their sum and count since `restart()`, the last
     value, and per entry the first step it was NaN or Inf (+inf while never)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trip: Tripwire | None = None) -> None:
+        self.trip = trip  # told of every value written, to learn of a NaN before the next record
         self._buf: Tensor | None = None  # (SLOTS, *shape) in the values' dtype, on their device
         self._first = 0  # the step of slot 0: slot k holds step _first + k (a gap folds first)
         self._k = 0  # slots filled
@@ -45,6 +48,8 @@ class Tape:
                 self._arange = torch.arange(SLOTS, dtype=torch.float32, device=values.device)
         if not k:
             self._first = step
+        if self.trip is not None:
+            self.trip.see(values)
         buf[k] = values
         self._k = k + 1
 
@@ -78,7 +83,7 @@ class Tape:
 
     def load(self, state: dict[str, float | int | None]) -> None:
         """Continue a 0-d tape from `state()`."""
-        self.__init__()  # type: ignore[misc]
+        self.__init__(self.trip)  # type: ignore[misc]
         total, n, bad = state.get("sum"), int(state.get("n") or 0), state.get("first_nonfinite")
         self.sum = torch.tensor(total) if total is not None else None
         self.n = n

@@ -26,6 +26,7 @@ from .probes import Probe, probe_for
 from .record import Record
 from .schedule import Clock, Schedule
 from .tape import Tape
+from .tripwire import Tripwire
 
 if TYPE_CHECKING:
     from .run import Run
@@ -164,6 +165,10 @@ class Watcher:
         self.ranks = Ranks(wait_s_from(rank_timeout))
         self.log_every, self.sample = log_every, sample
         self.clock = Clock.start(log_every, sample, torch.Generator().manual_seed(seed), scaler)
+        # A NaN brings a record forward, except in a distributed job: there a record is the whole job's, made
+        # at logging steps by every rank together; a rank's own forced record could blame its gradients for
+        # another rank's bad batch. The tapes still date it exactly at the next logging step.
+        self.clock.trip = Tripwire() if self.ranks.size == 1 else None
         if scaler is None:
             # Mixed precision: hooks see gradients times the GradScaler's scale. The scaler that scales the
             # loss, wherever it lives, becomes this clock's before the backward pass (amp.py).
@@ -183,7 +188,7 @@ class Watcher:
         self.records: deque[Record] = deque(maxlen=max_records)
         self.events = EventLog(max_events)  # the first of each kind and module, then the latest
         self.closed = False
-        self._losses = Tape()  # the loss of each step
+        self._losses = Tape(self.clock.trip)  # the loss of each step
         self._failed: set[int] = set()  # ids of detectors and sinks switched off after a failure
         self._reported: set[tuple[int, str]] = set()  # (id, what) of failures already reported once
         # What the run is, built once: sinks get it, never the watcher.
@@ -230,7 +235,10 @@ class Watcher:
         try:
             if loss_t is not None:
                 self._losses.add(loss_t, s)
-            if self.clock.logging or val_t is not None:
+            # A NaN or Inf of this step (read at once on a CPU) or of an earlier one whose flag has reached the
+            # host (a GPU): a record now, not at the next logging step.
+            tripped = self._trip(s)
+            if self.clock.logging or val_t is not None or tripped:
                 record = self._log(s, val_t)
         except LSTMWatchWarning:
             raise  # the user turned lstmwatch's warnings into errors: that is theirs to see
@@ -382,6 +390,16 @@ class Watcher:
         for sink in self.sinks:
             self._call(sink, "write", record, events)
         return record
+
+    def _trip(self, s: int) -> bool:
+        """Whether the tripwire learnt of a NaN or Inf by now: this step's sums are dated first, so it sees them."""
+        trip = self.clock.trip
+        if trip is None or not trip.armed:
+            return False
+        for p in self.probes:
+            self._guard(p, f"{p.name}: the NaN/Inf watch of step {s}", p.date_sums, switch_off=False)
+        trip.arm(s)
+        return trip.poll() is not None
 
     def _call(self, obj: Any, method: str, *args: Any) -> Any:
         """Call a probe, detector or sink's method if it has one, guarded as `_guard` says."""

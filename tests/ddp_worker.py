@@ -4,11 +4,14 @@ Phases, each with its own model and watcher:
   equal: a healthy run whose logging step is checked against the two ranks' batches computed together;
   fault: rank 1's inputs alone are unnormalized (x 100); rank 0 must report it, naming rank 1, and rank 1 nothing;
   stop:  rank 1 stops calling watcher.step() (it keeps training); rank 0 must go on within rank_timeout.
+  nan:   a NaN in rank 1's batch of step 7, whose all-reduced gradients make rank 0's NaN too: rank 0 must name
+         rank 1's input batch at step 7, never its own gradients.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -88,7 +91,7 @@ def phase_equal(rank: int, out: Path) -> dict:
     return got
 
 
-def phase_fault(rank: int, out: Path) -> dict:
+def phase_fault(rank: int, out: Path, nan_at: int = 0) -> dict:
     torch.manual_seed(0)
     model = DDP(Net())
     opt = torch.optim.SGD(model.parameters(), 0.01)
@@ -96,7 +99,9 @@ def phase_fault(rank: int, out: Path) -> dict:
         warnings.simplefilter("always")
         w = lstmwatch.watch(model, log_every=10)
         for step in range(1, 13):
-            x, y = batch(rank, step, scale=100.0 if rank == 1 else 1.0)
+            x, y = batch(rank, step, scale=100.0 if rank == 1 and not nan_at else 1.0)
+            if rank == 1 and step == nan_at:
+                x[0, 2, 1] = math.nan
             loss = (model(x) - y).pow(2).mean()
             opt.zero_grad()
             loss.backward()
@@ -105,7 +110,10 @@ def phase_fault(rank: int, out: Path) -> dict:
         w.close()
     return {"warnings": lstmwatch_warnings(caught),
             "events": [{"kind": e.kind, "module": e.module, "message": e.message, "values": e.values}
-                       for e in w.events]}
+                       for e in w.events],
+            "diagnosis": [[f.kind, f.cause.values.get("rank"), [c.kind for c in f.consequences]]
+                          for f in w.diagnose()],
+            "records": [r.step for r in w.records]}
 
 
 def phase_stop(rank: int, out: Path) -> dict:
@@ -152,8 +160,9 @@ def main() -> None:
     rank, out = int(os.environ["RANK"]), Path(sys.argv[1])
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     result = {"rank": rank}
-    for name, phase in (("equal", phase_equal), ("fault", phase_fault), ("stop", phase_stop),
-                        ("fsdp2", phase_fsdp2)):
+    phases = (("equal", phase_equal), ("fault", phase_fault), ("nan", functools.partial(phase_fault, nan_at=7)),
+              ("stop", phase_stop), ("fsdp2", phase_fsdp2))
+    for name, phase in phases:
         result[name] = phase(rank, out)
         dist.barrier()
     dist.destroy_process_group()

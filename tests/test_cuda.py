@@ -91,6 +91,37 @@ def test_no_stream_sync_outside_logging_steps(kw):
         assert all(r.stats["lstm/grad_norm"] > 0 for r in w.records)
 
 
+def test_a_nan_is_reported_by_the_next_step_without_a_sync():
+    # The step's NaN/Inf flag goes to pinned memory behind an event and is read once the event has completed:
+    # a record comes at the NaN's step (10) or the one after, not at the next logging step (16), and no step
+    # before it waits on the device.
+    torch.manual_seed(0)
+    model = Net().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(16, 20, 8, device="cuda")
+    y = torch.randn(16, 1, device="cuda")
+    with lstmwatch.watch(model, log_every=50, console=False) as w:
+        for step in range(1, 13):
+            quiet = not w.clock.logging and step <= 10
+            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+            try:
+                xb = x.clone()
+                if step == 10:
+                    xb[0, 3, 1] = float("nan")
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.mse_loss(model(xb), y)
+                loss.backward()
+                opt.step()
+                w.step(loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            if step == 10:
+                torch.cuda.synchronize()  # the flag's copy is done: step 11 reads it without waiting
+        (e,) = [e for e in w.events if e.kind == "nonfinite"]
+        assert e.step in (10, 11) and "input batch" in e.message and "at step 10" in e.message
+        assert [r.step for r in w.records] == [1, 2, 4, 8, e.step]
+
+
 def test_statistics_stay_on_the_module_device(monkeypatch):
     seen = []
     to_host = stats.to_host

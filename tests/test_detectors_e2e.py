@@ -80,7 +80,9 @@ def test_fault_run_names_the_module_and_the_cause(name, kind, module, words):
 def test_nan_input_is_an_error_raised_once():
     w = S.run(S.BY_NAME["nan_input"], steps=60, console=False)
     nonfinite = [e for e in w.events if e.kind == "nonfinite"]
-    assert [(e.step, e.severity) for e in nonfinite] == [(16, "error")]
+    # Reported at the step the NaN appears (15), not at the next logging step (16).
+    assert [(e.step, e.severity) for e in nonfinite] == [(15, "error")]
+    assert "at step 15" in nonfinite[0].message
 
 
 def test_overfitting_waits_for_rising_validation_losses():

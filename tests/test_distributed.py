@@ -5,6 +5,7 @@ costs rank 0 a bounded wait, never a hang."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -64,6 +65,23 @@ def test_a_fault_in_rank1s_data_is_reported_by_rank0_alone_naming_rank1(job):
     assert "rank 1 of 2" in unnorm[0]["message"] and unnorm[0]["values"]["rank"] == 1.0
     assert any("UnnormalizedInputWarning" in w for w in r0["warnings"])
     assert r1["warnings"] == [] and r1["events"] == []
+    # The whole job's diagnosis: rank 1's data is the root; nothing it causes on the shared weights is blamed
+    # on the learning rate.
+    (root, rank, effects), *others = r0["diagnosis"]
+    assert (root, rank) == ("unnormalized_input", 1.0), r0["diagnosis"]
+    assert not [k for k, _, _ in others if k in ("exploding_gradient", "diverging_loss", "stalled_loss")]
+
+
+def test_a_nan_in_rank1s_batch_is_named_there_not_in_rank0s_gradients(job):
+    # The all-reduce makes rank 0's gradients NaN at the same step: only the whole job's record, at the next
+    # logging step (no record brought forward by one rank), can tell that rank 1's input came first.
+    r0, r1 = job[0]["nan"], job[1]["nan"]
+    (e,) = [e for e in r0["events"] if e["kind"] == "nonfinite"]
+    assert "input batch" in e["message"] and "at step 7" in e["message"] and "(on rank 1 of 2)" in e["message"], e
+    assert e["values"]["rank"] == 1.0
+    assert r0["diagnosis"][0][:2] == ["nonfinite", 1.0]
+    assert r0["records"] == r1["records"] == [1, 2, 4, 8, 10]
+    assert r1["events"] == []
 
 
 def test_a_rank_that_stops_calling_step_costs_a_bounded_wait(job):
@@ -78,6 +96,16 @@ def test_fsdp2_is_refused_at_watch_time_naming_the_module(job):
         got = job[r]["fsdp2"]
         assert got["refused"].startswith("lstmwatch cannot watch lstm: its parameters are sharded across ranks")
         assert got["trained"]
+
+
+def test_a_statistic_nan_on_one_rank_is_nan_for_the_job_whatever_the_order():
+    from lstmwatch.distributed import combine
+
+    for parts in ([(0, {"m/data/absmax": math.nan}, {}), (1, {"m/data/absmax": 2.0}, {})],
+                  [(0, {"m/data/absmax": 2.0}, {}), (1, {"m/data/absmax": math.nan}, {})]):
+        values, _, source = combine(parts)
+        nan_rank = next(r for r, v, _ in parts if math.isnan(v["m/data/absmax"]))
+        assert math.isnan(values["m/data/absmax"]) and source == {"m/data/absmax": nan_rank}
 
 
 def test_combine_key_by_key_and_name_the_rank_a_fault_came_from():

@@ -92,6 +92,7 @@ class SyncCounter(TorchFunctionMode):
         self.watcher = watcher
         self.syncs: list[Sync] = []
         self.host_reads = 0  # reads of host tensors: free, kept to show the classification works
+        self.async_copies = 0  # non-blocking device -> host copies (the NaN/Inf flag of each step)
 
     def _step(self) -> int:
         return self.watcher.clock.step if self.watcher is not None else 0
@@ -141,6 +142,11 @@ class SyncCounter(TorchFunctionMode):
             return self._add(kind, name, site, self._moved(src, out, host=False))
         elif name == "copy_" and len(args) > 1 and _is_host(args[0]) != _is_host(args[1]):
             kind = "d2h" if _is_host(args[0]) else "h2d"
+            if kind == "d2h" and (kwargs.get("non_blocking") or (len(args) > 2 and args[2] is True)):
+                # Into pinned memory on CUDA, read only once its event has completed (tripwire.py): no wait.
+                # test_cuda.py holds the real thing to set_sync_debug_mode("error").
+                kind = None
+                self.async_copies += 1
         elif name in ("tensor", "as_tensor") and "device" in kwargs:
             kind = "h2d"  # built on the host, then copied
         # Where the result lives.

@@ -91,20 +91,27 @@ def test_a_watcher_logs_the_interval_mean_over_more_steps_than_the_buffer_holds(
     values = [0.5 + 0.01 * s for s in range(1, 201)]
     if inf_at is not None:
         values[inf_at - 1] = math.inf
+    records = {}
     for v in values:
         out, _ = lstm(torch.randn(5, 2, 3))
         out.sum().backward()
         rec = w.step(torch.tensor(v))
+        if rec is not None:
+            records[rec.step] = rec
     w.close()
     assert rec is not None and rec.step == 200
     assert rec.stats["loss"] == pytest.approx(values[-1])
-    since = values[128:]  # the dense start logs 1, 2, 4, ..., 128 before 200
     if inf_at is None:
+        since = values[128:]  # the dense start logs 1, 2, 4, ..., 128 before 200
         assert rec.stats["loss_mean"] == pytest.approx(sum(since) / len(since), rel=1e-6)
         assert "nonfinite_loss" not in rec.stats
     else:
-        assert rec.stats["loss_mean"] == math.inf
-        assert rec.stats["nonfinite_loss"] == inf_at
+        # The Inf brings a record forward to its own step; the next one covers the steps after it.
+        assert list(records) == [1, 2, 4, 8, 16, 32, 64, 128, inf_at, 200]
+        assert records[inf_at].stats["loss_mean"] == math.inf
+        assert records[inf_at].stats["nonfinite_loss"] == inf_at == rec.stats["nonfinite_loss"]
+        since = values[inf_at:]
+        assert rec.stats["loss_mean"] == pytest.approx(sum(since) / len(since), rel=1e-6)
 
 
 def test_sites_dated_together_whatever_sets_of_sites_each_step_shows():
@@ -123,7 +130,7 @@ def test_sites_dated_together_whatever_sets_of_sites_each_step_shows():
             probe._mark_sum(site, torch.tensor(math.nan if bad else 1.0))
             if bad:
                 first.setdefault(site, step)
-        probe._date_sums()
+        probe.date_sums()
     got = {site: float(v) for site, v in probe._firsts().items() if math.isfinite(float(v))}
     assert got == first and len(first) >= 4
     assert len(probe._tapes) == base.MAX_SITE_SETS

@@ -30,7 +30,7 @@ _CONFIG = ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_fi
 
 DATA_SITE, GATES_SITE = "data", "gates"  # non-finite sites of the input and of the recomputed gates (keys.SITES)
 MAX_FAILURES = 8  # hook failures kept until the Watcher takes them; later ones are dropped
-MAX_SITE_SETS = 16  # distinct sets of sites dated together (`Probe._date_sums`); beyond, each site on its own
+MAX_SITE_SETS = 16  # distinct sets of sites dated together (`Probe.date_sums`); beyond, each site on its own
 IDLE_RECORDS = 3  # logging records in a row without a training forward before the probe says its module did not run
 
 
@@ -212,11 +212,11 @@ class Probe:
         self._first_bad[site] = stats.first_nonfinite(first, finite, self.clock.step)
 
     def _mark_sum(self, site: str, total: Tensor) -> None:
-        """Keep a 0-d sum of what a site showed this step (NaN or Inf anywhere makes it so), for `_date_sums`."""
+        """Keep a 0-d sum of what a site showed this step (NaN or Inf anywhere makes it so), for `date_sums`."""
         prev = self._sums.get(site)
         self._sums[site] = total if prev is None else prev + total
 
-    def _date_sums(self) -> None:
+    def date_sums(self) -> None:
         """Write this step's sums, every site at once, to the tape of that set of sites."""
         if not self._sums:
             return
@@ -228,7 +228,7 @@ class Probe:
                 for site in sites:
                     self._mark(site, torch.isfinite(sums[site]))
                 return
-            tape = self._tapes[sites] = Tape()
+            tape = self._tapes[sites] = Tape(self.clock.trip)
         dev = sums[sites[0]].device
         tape.add(torch.stack([v if v.device == dev else v.to(dev) for v in map(sums.__getitem__, sites)]),
                  self.clock.step)
@@ -336,7 +336,7 @@ class Probe:
     # --- the logging step
     def end_step(self) -> None:
         """Forget what this step captured (its NaN/Inf dated first)."""
-        self._date_sums()
+        self.date_sums()
         self._settle()
         self._gsq = {}
         self._weights, self._forward_weights = None, {}
@@ -354,7 +354,7 @@ class Probe:
         """
         items: dict[str, Tensor] = {}
         host: dict[str, float] = {}
-        self._date_sums()
+        self.date_sums()
         self._settle()
         if self.clock.logging:
             self._count_idle()

@@ -148,6 +148,11 @@ class CellProbe(Probe):
             dev = parts[0].device
             self._mark_sum(DATA_SITE, sum((t.to(dev) for t in parts[1:]), parts[0]))
 
+    def date_sums(self) -> None:
+        """As every probe's, with this step's inputs summed first."""
+        self._reduce_data()
+        super().date_sums()
+
     def collect(self, step: int) -> tuple[dict[str, Tensor], dict[str, float]]:
         """As every probe's, with this step's inputs summed first."""
         self._reduce_data()
