@@ -143,6 +143,20 @@ def test_a_nan_loss_after_an_explosion_is_its_consequence():
     assert "nonfinite" in explained(findings[0])
 
 
+@pytest.mark.parametrize("cause", ["exploding_gradient", "diverging_loss"])
+def test_a_learning_rate_blow_up_is_named_not_its_consequences(cause):
+    # Weights blown up saturate the gates; their gradients are then zero or vanish, updates fall below the
+    # weights' resolution. The root is the step size, whatever rank the consequences' kinds have as roots.
+    events = [ev(4, cause, M if cause == "exploding_gradient" else ""), ev(8, "gate_saturation"),
+              ev(8, "hidden_saturation"), ev(16, "no_gradient"), ev(32, "vanishing_gradient"), ev(50, "not_updated")]
+    (f,) = diagnose(events)
+    assert f.kind == cause
+    assert explained(f) == ["gate_saturation", "hidden_saturation", "no_gradient", "vanishing_gradient",
+                            "not_updated"]
+    # A zero gradient before any blow-up is its own root (a detached output, say).
+    assert roots(diagnose([ev(2, "no_gradient"), ev(4, cause)]))[0] == ("no_gradient", M)
+
+
 def test_an_earlier_cause_explains_a_later_finding_whatever_their_priority():
     events = [
         ev(2, "gate_saturation"),
