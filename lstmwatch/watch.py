@@ -464,10 +464,15 @@ def watch(
     **sink_options: Any,
 ) -> Watcher:
     """Attach lstmwatch to every nn.LSTM (and nn.GRU, nn.LSTMCell, nn.GRUCell) inside `model`; returns the Watcher."""
-    from .sinks import make_sinks
+    from .sinks import check_options, make_sinks
 
-    # Under torch.distributed only rank 0 prints, streams and writes (a W&B run often exists on rank 0 alone).
-    sinks = make_sinks(console=console, **sink_options) if world()[0] == 0 else []
+    # Under torch.distributed only rank 0 prints, streams and writes (a W&B run often exists on rank 0 alone);
+    # the others check the options' names, so that a typo fails on every rank instead of leaving them waiting.
+    if world()[0] == 0:
+        sinks = make_sinks(console=console, **sink_options)
+    else:
+        check_options(**sink_options)
+        sinks = []
     if detectors is None:
         dets = default_detectors()
     elif isinstance(detectors, dict):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).parent
 
@@ -157,3 +158,19 @@ def test_without_the_store_rank0_reports_its_own_and_the_others_nothing(monkeypa
         assert issubclass(caught[0].category, lstmwatch.LSTMWatchFailure)
         got = ranks.gather(1, {"loss": 1.0}, {})
         assert got == ([(0, {"loss": 1.0}, {})] if rank == 0 else None)
+
+
+def test_a_misspelt_sink_option_fails_on_every_rank(monkeypatch, tmp_path):
+    # Rank 0 alone makes the sinks (a W&B run often exists there alone); a typo must not fail on rank 0 only,
+    # leaving the other ranks to wait for it in the next collective.
+    import lstmwatch
+
+    monkeypatch.setattr(sys.modules["lstmwatch.watch"], "world", lambda: (1, 2))
+    model = torch.nn.LSTM(2, 3)
+    with pytest.raises(TypeError, match="log_dri"):
+        lstmwatch.watch(model, log_dri=str(tmp_path))
+    with pytest.raises(ValueError, match="not both"):
+        lstmwatch.watch(model, log_dir=str(tmp_path), log_path=str(tmp_path / "x.jsonl"))
+    w = lstmwatch.watch(model, log_dir=str(tmp_path), wandb=True)  # no W&B run on this rank: not its business
+    assert w.sinks == [] and not list(tmp_path.iterdir())
+    w.close()

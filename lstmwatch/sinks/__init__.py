@@ -11,7 +11,19 @@ from .runlog_writer import RunLogSink
 from .tensorboard import TensorBoardSink  # imports tensorboard only when it makes its own SummaryWriter
 from .wandb import WandbSink  # imports wandb only when a WandbSink is made
 
-__all__ = ["ConsoleSink", "RunLogSink", "TensorBoardSink", "WandbSink", "make_sinks"]
+__all__ = ["ConsoleSink", "RunLogSink", "TensorBoardSink", "WandbSink", "check_options", "make_sinks"]
+
+OPTIONS = ("sinks", "log_dir", "log_path", "wandb", "wandb_keys", "tensorboard", "tensorboard_keys")
+
+
+def check_options(**options: Any) -> None:
+    """What every rank can check of watch()'s sink options without making a sink (rank 0 alone makes them):
+    their names, and options that exclude each other. A typo fails on every rank, not on rank 0 alone."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"watch() got unexpected keyword argument(s): {', '.join(unknown)}")
+    if options.get("log_dir") is not None and options.get("log_path") is not None:
+        raise ValueError("give log_dir= (a folder, one new file per run) or log_path= (one file), not both")
 
 
 def make_sinks(
@@ -28,11 +40,8 @@ def make_sinks(
 ) -> list[Any]:
     """The sinks a watch() call asked for; what cannot work (no W&B run, a folder not writable, a writer that is
     not one) fails here."""
-    if options:
-        raise TypeError(f"watch() got unexpected keyword argument(s): {', '.join(sorted(options))}")
+    check_options(log_dir=log_dir, log_path=log_path, **options)
     out: list[Any] = [ConsoleSink()] if console else []
-    if log_dir is not None and log_path is not None:
-        raise ValueError("give log_dir= (a folder, one new file per run) or log_path= (one file), not both")
     if log_dir is not None or log_path is not None:
         out.append(RunLogSink(log_dir, path=log_path))
     if wandb is True:
