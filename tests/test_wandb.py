@@ -340,6 +340,19 @@ def test_records_wait_for_the_users_first_call_a_bounded_while(run, tmp_path, mo
     assert [r["lstmwatch/step"] for r in Offline(tmp_path).rows] == list(range(1, 11))
 
 
+def test_records_held_when_the_user_finishes_the_run_first_are_logged(run, tmp_path):
+    # wandb.finish() before watcher.close(), the user never logging: the held records go in at finish().
+    model = Net()
+    w = lstmwatch.watch(model, log_every=1, console=False, wandb=run)
+    for _ in range(5):
+        model(torch.randn(4, 6, 3)).sum().backward()
+        w.step(1.0)
+    run.finish()
+    w.close()
+    assert [r["lstmwatch/step"] for r in Offline(tmp_path).rows] == list(range(1, 6))
+    assert run._log is not w.sinks[0]._own_log
+
+
 def test_a_run_without_log_internals_gets_the_plain_merge():
     from lstmwatch.schedule import Clock
 

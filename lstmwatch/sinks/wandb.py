@@ -113,6 +113,22 @@ class WandbSink:
         except Exception:  # noqa: BLE001 - a run that takes no attribute: the plain merge
             return
         self._own_log, self._clock = own, clock
+        # wandb.finish() before watcher.close(): the records still held go in first, while the run takes logs.
+        hooks = getattr(run, "_teardown_hooks", None)
+        if isinstance(hooks, list):
+            try:
+                from wandb.sdk.wandb_run import TeardownHook, TeardownStage
+
+                hooks.append(TeardownHook(self._on_finish, TeardownStage.EARLY))
+            except Exception:  # noqa: BLE001 - another wandb: records held at finish() are left out
+                pass
+
+    def _on_finish(self) -> None:
+        """The user finishes the run before closing the watcher: this sink closes first (never in their way)."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - wandb.finish() must finish whatever happens here
+            self._unwrap()
 
     def start(self, header: Header | None = None) -> None:
         """Bind every lstmwatch/ key to lstmwatch's own step metric, so charts use the training step."""
