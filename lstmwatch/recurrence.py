@@ -7,9 +7,12 @@ every configuration (layers, directions, projections, packed sequences), since a
 logging step spends its time on. Each layer's hidden states come from the fused kernel (the top layer's from
 the module's own output, when the caller has it); every gate of every step then comes from two matmuls (the
 LSTM's cell state from one addcmul per step), and dL/dh_t from the backward recurrence written out, without an
-autograd graph. A `Cell` holds what differs between the LSTM and the GRU; the loops over layers and
-directions are shared. A cell module stepped by hand (nn.LSTMCell) gives every call's input and incoming state,
-so its gates come from the same per-step gate computation (`Cell.step`) without a recurrence to run.
+autograd graph. The LSTM's loops run over time-major buffers, (T, S, ...), updated in place one contiguous
+step at a time, and hand out (S, T, ...) views of them: per step of the backward, one small matmul (most of
+its time) and four elementwise ops. A `Cell` holds what differs between the LSTM and the GRU; the loops over
+layers and directions are shared. A cell module stepped by hand (nn.LSTMCell) gives every call's input and
+incoming state, so its gates come from the same per-step gate computation (`Cell.step`) without a recurrence
+to run.
 
 Shapes: S sampled sequences, T steps (padded to the longest), H hidden, P output (proj_size or H), D directions,
 G gates (4 for the LSTM, 3 for the GRU).
@@ -34,7 +37,10 @@ GateStats = dict[tuple[str, str], Tensor]  # (gate or state, statistic) -> 0-d t
 
 
 class Layer(NamedTuple):
-    """The internals of one LSTM layer-direction, in the order the direction runs (valid steps first)."""
+    """The internals of one LSTM layer-direction, in the order the direction runs (valid steps first).
+
+    From `_lstm_layer`, act, c and tc are (S, T, ...) views of time-major (T, S, ...) buffers.
+    """
 
     act: Tensor  # (S, T, 4, H): i, f, g, o after their nonlinearity (sigmoid, sigmoid, tanh, sigmoid)
     c: Tensor  # (S, T, H) cell state after each step
@@ -200,11 +206,17 @@ def backward(cell: Cell[L], params: list[Weights], layers: list[L], module: nn.R
             dh, dgx = cell.backward(params[idx], layers[idx], e, ec, st0, steps.last is None)
             out[idx] = steps.reverse(dh) if j else dh
             if k > 0:
-                into = dgx @ params[idx]["w_ih"]  # (S, T, D * P) into the layer below
+                into = _matmul(dgx, params[idx]["w_ih"])  # (S, T, D * P) into the layer below
                 into = steps.reverse(into) if j else into
                 below = into if below is None else below + into
         ext = below
     return out
+
+
+def _matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x (S, T, K) @ w (K, N), without a copy of x when it is a view of a time-major (T, S, K) buffer."""
+    xt = x.transpose(0, 1)
+    return (xt @ w).transpose(0, 1) if xt.is_contiguous() else x @ w
 
 
 def _at_last(e: Tensor, steps: Steps, g: Tensor) -> Tensor:
@@ -224,8 +236,8 @@ def _lstm_kernel(p: Weights, x: Tensor, st0: State) -> Tensor:
 
 
 def _lstm_gates(p: Weights, x: Tensor, h_prev: Tensor) -> Tensor:
-    """i, f, g, o (S, T, 4, H) of every step at once from the input x (S, T, F) and the state entering each
-    step h_prev (S, T, P): two matmuls, the nonlinearities in place."""
+    """i, f, g, o (A, B, 4, H) of every step at once from the input x (A, B, F) and the state entering each
+    step h_prev (A, B, P): two matmuls, the nonlinearities in place. A layer passes (T, S): time-major."""
     s, t_len = x.shape[:2]
     hsize = p["w_hh"].shape[0] // 4
     z = (x.reshape(s * t_len, -1) @ p["w_ih"].T if p["b_ih"] is None or p["b_hh"] is None
@@ -239,17 +251,20 @@ def _lstm_gates(p: Weights, x: Tensor, h_prev: Tensor) -> Tensor:
 
 
 def _lstm_layer(p: Weights, x: Tensor, h: Tensor, st0: State) -> Layer:
-    """Gates and cell states of every step from the layer's input x (S, T, F) and hidden states h (S, T, P)."""
+    """Gates and cell states of every step from the layer's input x (S, T, F) and hidden states h (S, T, P).
+
+    Computed time-major, (T, S, ...), and returned as (S, T, ...) views of it: each step of the cell-state
+    recurrence here, and of the backward recurrence, is then one contiguous block, updated in place.
+    """
     h_0, c_0 = st0
-    h_prev = torch.cat([h_0[:, None], h[:, :-1]], 1)  # (S, T, P) the state each step starts from
-    act = _lstm_gates(p, x, h_prev)
-    ig, fs = (act[:, :, 0] * act[:, :, 2]).unbind(1), act[:, :, 1].unbind(1)
-    cs, cc = [], c_0
-    for t in range(x.shape[1]):
-        cc = torch.addcmul(ig[t], fs[t], cc)
-        cs.append(cc)
-    c = torch.stack(cs, 1)
-    return Layer(act, c, _tanh_(c.clone()), h)
+    h_prev = torch.cat([h_0[None], h.transpose(0, 1)[:-1]], 0)  # (T, S, P) the state each step starts from
+    act = _lstm_gates(p, x.transpose(0, 1), h_prev)  # (T, S, 4, H)
+    c = act[:, :, 0] * act[:, :, 2]  # (T, S, H): i g, then c_t = f_t c_{t-1} + i g in place, step by step
+    cs, fs = c.unbind(0), act[:, :, 1].unbind(0)
+    cs[0].addcmul_(fs[0], c_0)
+    for t in range(1, len(cs)):
+        cs[t].addcmul_(fs[t], cs[t - 1])
+    return Layer(act.transpose(0, 1), c.transpose(0, 1), _tanh_(c.clone()).transpose(0, 1), h)
 
 
 def _lstm_step(p: Weights, x: Tensor, h_prev: Tensor, c_prev: Tensor | None) -> Layer:
@@ -268,35 +283,45 @@ def _lstm_backward(p: Weights, layer: Layer, e: Tensor, ec: Tensor | None,
     e (S, T, P): dL/dh_t from outside the recurrence; ec (S, T, H): dL/dc_t from outside (c_n), or None.
       dh_t = e_t + dz_{t+1} W_hh;  dm_t = dh_t W_hr (with proj);  dc_t = dm_t o_t (1 - tanh^2 c_t) + dc_{t+1} f_{t+1};
       dz_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dm tanh(c) o(1-o)].
-    Returns dh (S, T, P) and dz (S, T, 4H). Past a sequence's end e and ec are zero, and so are dh and dz.
+    Returns dh (S, T, P) and dz (S, T, 4H), views of time-major buffers filled in place: per step one addmm
+    and four elementwise ops, no allocation. Past a sequence's end e and ec are zero, and so are dh, dz.
     """
-    act, c, tc, _ = layer
-    s, t_len, _, hsize = act.shape
+    act, c, tc = layer.act.transpose(0, 1), layer.c.transpose(0, 1), layer.tc.transpose(0, 1)  # (T, S, ...)
+    t_len, s, _, hsize = act.shape
     i, f, g, o = act.unbind(2)
-    c_first = st0[1][:, None] if st0 is not None else c.new_zeros(s, 1, hsize)
-    # dz_t = [dc, dc, dc, dm] * b_t: the slope of each gate times what multiplies it.
-    b = torch.stack([g, torch.cat([c_first, c[:, :-1]], 1), i, tc], 2)
-    slope = (1 - act).mul_(act)  # sigmoid'
-    slope[:, :, 2] = 1 - g * g  # tanh'
-    b = b.mul_(slope).view(s, t_len, 4 * hsize)
-    a = (o * (1 - tc * tc)).unbind(1)
-    fs, bs, es = f.unbind(1), b.unbind(1), e.unbind(1)
-    ecs = ec.unbind(1) if ec is not None else None
+    # dz_t = [dc, dc, dc, dm] * b_t: the slope of each gate times what multiplies it; b_t becomes dz_t in place.
+    b = torch.addcmul(act, act, act, value=-1)  # (T, S, 4, H) sigmoid' = a - a^2, one pass
+    torch.mul(g, g, out=b[:, :, 2]).neg_().add_(1)  # tanh'
+    b[:, :, 0].mul_(g)
+    b[1:, :, 1].mul_(c[:-1])
+    if st0 is not None:
+        b[0, :, 1].mul_(st0[1])
+    else:
+        b[0, :, 1].zero_()  # c_0 = 0
+    b[:, :, 2].mul_(i)
+    b[:, :, 3].mul_(tc)
+    dz = b
+    a = torch.addcmul(o, o, tc * tc, value=-1)  # (T, S, H) o (1 - tanh^2 c): dc_t / dm_t within the step
+    dh = e.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (T, S, P): e_t, then dh_t in place
+    dc = torch.empty_like(a[:, :, None])  # (T, S, 1, H) dL/dc_t, broadcast over b's i, f, g
+    # Each step's blocks as views made once (unbind): indexing inside the loop costs more than the ops on them.
+    dhs, dzs, dz_ifg, dz_o = dh.unbind(0), dz.view(t_len, s, 4 * hsize).unbind(0), dz[:, :, :3].unbind(0), \
+        dz[:, :, 3].unbind(0)
+    dcs, dc1s, a_s, fs = dc.view(t_len, s, hsize).unbind(0), dc.unbind(0), a.unbind(0), f.unbind(0)
+    ecs = ec.transpose(0, 1).unbind(0) if ec is not None else None
     whh, whr = p["w_hh"], p["w_hr"]
-    dhs, dzs = [es[0]] * t_len, [bs[0]] * t_len
-    dz = dc = None
     for t in range(t_len - 1, -1, -1):
-        dh = es[t] if dz is None else torch.addmm(es[t], dz, whh)
-        dm = dh if whr is None else dh @ whr
-        if dc is None:
-            dc = dm * a[t]
-        else:
-            dc = torch.addcmul(dm * a[t], dc, fs[t + 1])
+        if t < t_len - 1:
+            dhs[t].addmm_(dzs[t + 1], whh)
+        dm = dhs[t] if whr is None else dhs[t] @ whr
+        torch.mul(dm, a_s[t], out=dcs[t])
+        if t < t_len - 1:
+            dcs[t].addcmul_(dcs[t + 1], fs[t + 1])
         if ecs is not None and (not full or t == t_len - 1):
-            dc = dc + ecs[t]
-        dz = torch.cat([dc, dc, dc, dm], 1).mul_(bs[t])
-        dhs[t], dzs[t] = dh, dz
-    return torch.stack(dhs, 1), torch.stack(dzs, 1)
+            dcs[t].add_(ecs[t])
+        dz_ifg[t].mul_(dc1s[t])
+        dz_o[t].mul_(dm)
+    return dh.transpose(0, 1), dz.view(t_len, s, 4 * hsize).transpose(0, 1)
 
 
 LSTM_GATES = ("input", "forget", "cell", "output")  # i, f, g, o: the row blocks of weight_ih and weight_hh

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import lstmwatch
 from lstmwatch import recurrence
+from lstmwatch.gates import rnn_params
 
 F, H, T, B = 5, 7, 9, 6
 
@@ -209,3 +210,19 @@ def test_a_packed_batch_is_never_padded_whole(monkeypatch):
         (out.data.sum() + hn.sum()).backward()
         rec = w.step(1.0)
     assert calls == [] and rec.stats["lstm/l1_reverse/forget/mean"] > 0
+
+
+def test_the_backward_recurrence_leaves_its_inputs_as_they_were():
+    # The LSTM's backward fills time-major buffers in place: the captured output gradients (which the gain reads
+    # afterwards) and the recomputed internals must stay as they were.
+    torch.manual_seed(0)
+    lstm = nn.LSTM(F, H, num_layers=2, bidirectional=True, batch_first=True)
+    steps = recurrence.Steps.of(torch.ones(B, T, dtype=torch.bool), full=True)
+    with torch.no_grad():
+        params = rnn_params(lstm)
+        layers = recurrence.forward(recurrence.LSTM, params, lstm, torch.randn(B, T, F), steps)
+        g_out, g_hn, g_cn = torch.randn(B, T, 2 * H), torch.randn(4, B, H), torch.randn(4, B, H)
+        before = [t.clone() for t in (g_out, g_hn, g_cn)] + [t.clone() for ly in layers for t in ly]
+        recurrence.backward(recurrence.LSTM, params, layers, lstm, steps, g_out, (g_hn, g_cn))
+    after = [g_out, g_hn, g_cn] + [t for ly in layers for t in ly]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
