@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead as oh  # noqa: E402  (the workload, Variant and interleave are overhead.py's own)
 
+Data = tuple[torch.Tensor, torch.Tensor]  # one batch (x, y), the same for every copy
 LOG_EVERY = oh.LOG_EVERY
 WARMUP = 2  # steps per copy before the window: allocator and first-call costs, lstmwatch's step-1 log
 
@@ -89,7 +91,7 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
 # --- the peers
 
 
-def lstmwatch_peers(base: torch.nn.Module, data) -> list[Peer]:
+def lstmwatch_peers(base: torch.nn.Module, data: Data) -> list[Peer]:
     """lstmwatch with its defaults (console off) and with everything every step."""
     return [
         Peer("lstmwatch default", "lstmwatch default (`log_every=50`)",
@@ -101,7 +103,7 @@ def lstmwatch_peers(base: torch.nn.Module, data) -> list[Peer]:
     ]
 
 
-def wandb_peers(base: torch.nn.Module, data, tmp: str, stack: contextlib.ExitStack) -> list[Peer]:
+def wandb_peers(base: torch.nn.Module, data: Data, tmp: str, stack: contextlib.ExitStack) -> list[Peer]:
     """wandb.watch(model) and wandb.watch(model, log="all", log_freq=1) in one offline run; wandb.log each step."""
     peers = [Peer("wandb.watch", "`wandb.watch(model)` (gradients, `log_freq=1000`)",
                   "a hook per parameter gradient; histograms every 1000th step (none in the window); loss"),
@@ -138,7 +140,7 @@ def wandb_peers(base: torch.nn.Module, data, tmp: str, stack: contextlib.ExitSta
     return peers
 
 
-def anomaly_peer(base: torch.nn.Module, data) -> Peer:
+def anomaly_peer(base: torch.nn.Module, data: Data) -> Peer:
     """torch.autograd.detect_anomaly() around forward and backward."""
     return Peer("detect_anomaly", "`torch.autograd.detect_anomaly()`",
                 "a traceback kept per autograd node; every backward output checked for NaN",
@@ -146,7 +148,7 @@ def anomaly_peer(base: torch.nn.Module, data) -> Peer:
                            wrap=lambda: torch.autograd.detect_anomaly(check_nan=True)))
 
 
-def torchmortem_peer(base: torch.nn.Module, data, stack: contextlib.ExitStack) -> Peer:
+def torchmortem_peer(base: torch.nn.Module, data: Data, stack: contextlib.ExitStack) -> Peer:
     """torchmortem's Autopsy, attached as its README's Quick Start does: step(loss=loss.item()) after opt.step()."""
     peer = Peer("torchmortem", "torchmortem `Autopsy(model, optimizer=opt)`",
                 "loss; norm/mean/max/zero-frac of the grad at the LSTM's and head's outputs; the head's output "
@@ -177,7 +179,7 @@ def torchmortem_peer(base: torch.nn.Module, data, stack: contextlib.ExitStack) -
     return peer
 
 
-def torchmortem_summary(autopsy) -> str:
+def torchmortem_summary(autopsy: Any) -> str:
     """What each of an Autopsy's collectors recorded, and for which modules it found no data."""
     parts = []
     for c in autopsy._collectors:  # no public accessor; read after detach(), outside the timing
@@ -209,6 +211,8 @@ def measure(peers: list[Peer], steps: int, block: int, from_step: int) -> list[R
                 p.variant.step(record=False)
         except Exception as e:  # a tool that cannot step this workload gets a reason, not a number
             p.reason = f"failed to step: {type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                p.variant.close()
             p.variant = None
     live = [p for p in live if p.variant is not None]
     for p in live:
@@ -355,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     if not wb.peer.reason and not wb_all.peer.reason:
         # A gradient-histogram step costs at most what log="all" adds per step (it also does the parameters).
         bound = max(0.0, wb_all.ms - wb.ms) / 1000 / rows[0].ms
+        at_most = "less than 0.001" if bound < 1e-3 else f"at most {bound:.3f}"
         print(f"wandb.watch default: its histogram step (every 1000th) is outside the window; spread over 1000 "
-              f"steps it adds at most {bound:.4f} to the ratio.")
+              f"steps it adds {at_most} to the ratio.")
     if h0 is not None and h1 is not None and h1 - h0 > 0:
         # wandb ships histograms to its own process: that work is outside this process's clock, and on a
         # machine with as many cores as threads it slows whichever row runs alongside, wandb's or another's.
