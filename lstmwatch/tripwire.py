@@ -51,10 +51,11 @@ class Tripwire:
                 done = torch.cuda.Event()
                 done.record(torch.cuda.current_stream(ok.device))
                 self._in_flight.append((step, host, done))
-            else:
+            elif ok.device.type == "cpu":
                 host = torch.empty((), dtype=torch.bool)
                 host.copy_(ok, non_blocking=True)  # on a CPU a plain copy: the value is there now
                 self._check(step, host)
+            # Other devices (MPS, XLA): no event to wait on without a sync; their tapes report at logging steps.
 
     def poll(self) -> int | None:
         """The step whose values were non-finite, the first time the host knows it; else None."""
