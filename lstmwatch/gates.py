@@ -109,8 +109,12 @@ def weights(named: Mapping[str, Tensor], suffix: str = "") -> Weights:
 
 
 def rnn_params(module: nn.RNNBase, named: Mapping[str, Tensor] | None = None) -> list[Weights]:
-    """The weights of every (layer, direction) in h_n's order, from the module or a name -> tensor map."""
-    named = dict(module.named_parameters()) if named is None else named
+    """The weights of every (layer, direction) in h_n's order, from the module or a name -> tensor map.
+
+    From the module: the weights as its forward reads them (a parametrization's computed weight, or a plain
+    tensor a wrapper set before the call, as fastai's WeightDropout does), by the names nn.RNNBase gives them."""
+    if named is None:
+        named = {n: w for n in module._flat_weights_names if (w := getattr(module, n, None)) is not None}
     d = 2 if module.bidirectional else 1
     # The names nn.RNNBase gives its weights: weight_ih_l0, bias_hh_l1_reverse.
     return [weights(named, "_" + layer_label(k, j == 1)) for k in range(module.num_layers) for j in range(d)]

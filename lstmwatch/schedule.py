@@ -36,7 +36,8 @@ class Clock:
     ran: bool = False  # whether a training forward or backward of the step in progress ran (the probes' hooks)
     sample: int = 8
     generator: torch.Generator | None = None
-    scaler: object | None = None  # a torch.amp.GradScaler whose scale divides the gradients
+    scaler: object | None = None  # the torch.amp.GradScaler passed to watch(): its scale divides every gradient
+    found: object | None = None  # else the one last found scaling a backward that reached the hooks (amp.py)
     rule: Schedule | None = None  # the schedule; None: every step is a logging step
     trip: Tripwire | None = None  # the tapes' NaN/Inf tripwire, which can bring a record forward
 

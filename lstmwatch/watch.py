@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import amp, keys, stats
 from .detectors import Detectors, default_detectors
@@ -86,6 +87,17 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
     if not chosen:
         raise ValueError(f"modules={modules!r} matched none of the modules found: {', '.join(n for n, _ in found)}")
     return chosen
+
+
+def _before_optimizer_step(ref: weakref.ref[Watcher]) -> Callable[..., None]:
+    """A global optimizer step pre-hook for one watcher, which it does not keep alive."""
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        w = ref()
+        if w is not None and not w.closed and w.clock.logging:
+            w._grads_before_step(opt)
+
+    return hook
 
 
 def _check_args(*, sample: Any, scaler: Any, modules: Any, max_records: Any, max_events: Any) -> None:
@@ -180,6 +192,9 @@ class Watcher:
                 print("lstmwatch: this model was already watched; the earlier watcher is closed", file=sys.stderr)
                 prev.close()
         self.probes: list[Probe] = [_probe(name, m, self.clock) for name, m in found]
+        # Gradients handed to an optimizer by hand (`p.grad = g`) pass no gradient hook: read them as it steps.
+        self._opt_hook = register_optimizer_step_pre_hook(_before_optimizer_step(
+            weakref.ref(self)))
         for _, m in found:
             _OPEN[m] = weakref.ref(self)
         # One suite: the loss trend is computed once per record and shared by the detectors that read it.
@@ -260,6 +275,7 @@ class Watcher:
             return
         self.closed = True
         amp.unfollow(self.clock)
+        self._opt_hook.remove()
         if self.step_count == 0 and any(self._guard(p, f"{p.name}.has_gradients", p.has_gradients, switch_off=False)
                                         for p in self.probes):
             warnings.warn("lstmwatch: gradients reached the watched modules but watcher.step() was never called, "
@@ -421,6 +437,12 @@ class Watcher:
                 self._failed.add(id(obj))
             self._report(obj, what, exc, "it is switched off" if switch_off else "this step goes without it")
             return None
+
+    def _grads_before_step(self, opt: torch.optim.Optimizer) -> None:
+        """An optimizer is about to step on a logging step: the probes read the gradients their hooks missed."""
+        stepped = {id(p) for group in opt.param_groups for p in group["params"]}
+        for p in self.probes:
+            self._guard(p, f"{p.name}.read_unhooked_grads", p.read_unhooked_grads, stepped, switch_off=False)
 
     def _hook_failures(self) -> None:
         """Say what the probes' hooks failed at since the last step (they never raise into training)."""

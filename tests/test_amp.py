@@ -33,7 +33,7 @@ def _norms(pass_scaler: bool, use_scaler: bool) -> list[float]:
         scaler.update()
         opt.zero_grad()
         norms.append(w.step(loss).stats["grad_norm"])
-    assert (w.clock.scaler is scaler) == use_scaler
+    assert ((w.clock.scaler or w.clock.found) is scaler) == use_scaler
     w.close()
     return norms
 
@@ -83,7 +83,7 @@ def test_a_scaler_held_by_a_trainer_object_is_found_and_gradients_are_unscaled()
         trainer = Trainer(Net(), enabled=enabled)
         with lstmwatch.watch(trainer.model, log_every=1, console=False) as w:
             runs.append(trainer.fit(w, 4))
-            assert (w.clock.scaler is trainer.precision.scaler) == enabled
+            assert (w.clock.found is trainer.precision.scaler) == enabled
     scaled, plain = runs
     for a, b in zip(scaled, plain):
         assert a == pytest.approx(b, rel=0.1)  # not 65536 times larger
@@ -116,3 +116,80 @@ def test_gradscaler_scale_is_restored_when_the_last_watcher_closes():
     given = lstmwatch.watch(Net(), console=False, scaler=torch.amp.GradScaler("cpu"))
     assert torch.amp.GradScaler.__dict__["scale"] is original  # a scaler passed in: nothing to look for
     given.close()
+
+
+def _real_norm(module: nn.Module) -> float:
+    return torch.stack([p.grad.norm() for p in module.parameters()]).norm().item()
+
+
+def test_a_scaler_of_another_model_leaves_this_ones_gradients_alone():
+    # Two models in one process (a GAN's networks, a teacher and a student): A under autocast and a GradScaler,
+    # B in plain fp32. A's scaler divides A's gradients, never B's, and B's gradients stay NaN-watched.
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), 1e-2), torch.optim.SGD(b.parameters(), 1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    wa = lstmwatch.watch(a, log_every=1, console=False, name="a")
+    wb = lstmwatch.watch(b, log_every=1, console=False, name="b")
+    try:
+        for step in range(1, 5):
+            x, y = torch.randn(4, 5, 2), torch.randn(4, 1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                la = (a(x).float() - y).pow(2).mean()
+            scaler.scale(la).backward()
+            real_a = _real_norm(a.lstm) / scaler.get_scale()
+            scaler.step(opt_a)
+            scaler.update()
+            opt_a.zero_grad()
+            ra = wa.step(la)
+            lb = (b(x) - y).pow(2).mean()
+            if step == 3:  # a NaN in B's gradient: named where it appears, at this step
+                lb.register_hook(lambda g: g * float("nan"))
+            lb.backward()
+            real_b = _real_norm(b.lstm)
+            opt_b.step()
+            opt_b.zero_grad()
+            rb = wb.step(lb)
+            if step < 3:
+                assert rb.stats["lstm/grad_norm"] == pytest.approx(real_b, rel=1e-5)
+                assert ra.stats["lstm/grad_norm"] == pytest.approx(real_a, rel=1e-3)
+        assert wb.clock.found is None and wa.clock.found is scaler
+        first = [e for e in wb.events if e.kind == "nonfinite"]
+        assert first and first[0].step == 3 and "gradient" in first[0].message
+    finally:
+        wa.close()
+        wb.close()
+
+
+def test_the_gradient_through_time_is_unscaled():
+    # dL/dh_t comes from hooks on the LSTM's outputs, which see the scaled gradient: divided like the weights'.
+    def curves(enabled: bool):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), 1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=enabled)
+        with lstmwatch.watch(model, console=False) as w:
+            loss = model(torch.randn(4, 6, 2)).pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            rec = w.step(loss)
+        return rec
+    plain, scaled = curves(False), curves(True)
+    assert plain.curves and set(plain.curves) == set(scaled.curves)
+    for k, c in plain.curves.items():
+        assert scaled.curves[k] == pytest.approx(c, rel=1e-5), k
+    assert scaled.stats["lstm/gtt/gain"] == pytest.approx(plain.stats["lstm/gtt/gain"], rel=1e-5)
+
+
+def test_gradscaler_scale_is_restored_after_watchers_dropped_without_close():
+    import gc
+
+    original = torch.amp.GradScaler.__dict__["scale"]
+    w = lstmwatch.watch(Net(), console=False)
+    assert torch.amp.GradScaler.__dict__["scale"] is not original
+    del w
+    gc.collect()
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones((), requires_grad=True))  # the next scale() finds no watcher: torch's method is back
+    assert torch.amp.GradScaler.__dict__["scale"] is original

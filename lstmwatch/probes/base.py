@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from .. import keys, recurrence, stats
+from .. import amp, keys, recurrence, stats
 from ..interfaces import ModuleInfo
 from ..schedule import Clock
 from ..tape import Tape
@@ -72,6 +72,25 @@ def is_scaled(scaler: Any) -> bool:
     return scaler is not None and getattr(scaler, "_scale", None) is not None and scaler.is_enabled()
 
 
+def scaler_of(clock: Clock) -> Any:
+    """The GradScaler whose scale multiplies the gradients of the backward running now: the one passed to
+    watch(), else the one whose scaled loss this backward started from (amp.py), else None."""
+    if clock.scaler is not None:
+        return clock.scaler
+    found = amp.active()
+    if found is not None:
+        clock.found = found
+    return found
+
+
+def unscale(g: Tensor, scaler: Any) -> Tensor:
+    """g as it would be without the GradScaler (when it is on): divided by its scale, on the device. An Inf or NaN
+    of an overflowing scaled backward (the scaler skips that step) becomes NaN: unknown, not a fault."""
+    if not is_scaled(scaler):
+        return g
+    return torch.where(torch.isfinite(g), g / scaler._scale.to(g.device).reshape(()), math.nan)
+
+
 class Probe:
     """Hooks on one module: gradient norms per parameter, layer and gate, the update ratio, non-finite sites.
 
@@ -88,6 +107,7 @@ class Probe:
         self.params: dict[str, Tensor] = {}  # name -> the parameter hooked and measured (`_bind`)
         self.labels: dict[str, str] = {}
         self._own: tuple[Tensor | None, ...] = ()  # module._parameters' values when bound: a replacement differs
+        self._trains: tuple[bool, ...] = ()  # their requires_grad when bound
         self._grad_handles: list[RemovableHandle] = []
         self._gsq: dict[str, Tensor] = {}  # param -> (blocks,) squared norms of its accumulated gradient
         self._first_bad: dict[str, Tensor] = {}  # site -> 0-d, +inf until a non-finite value appears
@@ -101,6 +121,7 @@ class Probe:
         self._ran = False  # a training forward ran in this step
         self._seen = False  # a training forward ran since the last logging record
         self._idle = 0  # logging records in a row whose interval saw no training forward
+        self._unhooked = 0  # logging records in a row with gradients but no training forward seen
         self._rebinds = 0  # the forwards of this step that found other parameters than those bound
         self._foreign = False  # a forward of this step ran with parameters that are not the module's own
         # Hook failures not yet reported, (what, exception), at most MAX_FAILURES: the Watcher takes them.
@@ -126,6 +147,7 @@ class Probe:
         self._grad_handles = []
         m = self.module
         self._own = tuple(m._parameters.values())
+        self._trains = self._training_flags()
         self.params = dict(m.named_parameters())
         self.labels = {p: keys.param_layer(p) for p in self.params}
         for pname, p in self.params.items():
@@ -137,9 +159,16 @@ class Probe:
         live, own = self.module._parameters, self._own
         return len(live) == len(own) and all(map(operator.is_, live.values(), own))
 
+    def _training_flags(self) -> tuple[bool, ...]:
+        """requires_grad of each parameter bound: one that changes (frozen at watch(), unfrozen later) is hooked
+        again, since a gradient hook can only sit on a tensor that requires grad."""
+        return tuple(p is not None and p.requires_grad for p in self._own)
+
     def _check_params(self) -> None:
         """A training forward: measure the parameters it runs with, if they are not those bound."""
         if self._bound():
+            if self._training_flags() != self._trains:  # frozen or unfrozen since: hook those that train now
+                self._bind()
             return
         self._rebinds += 1
         if any(p is not None and not isinstance(p, nn.Parameter) for p in self.module._parameters.values()):
@@ -277,7 +306,9 @@ class Probe:
         """Keep the weights of a logging step's forward: the update ratio's 'before' and what the gates need."""
         self._weights = {n: p.detach().clone() for n, p in self.params.items()}
         self._forward_weights = self._weights
-        if parametrize.is_parametrized(module):  # weight_norm and the like: forward reads computed weights
+        # weight_norm and the like (forward reads computed weights), or weights set as plain tensors before each
+        # call by a wrapper (fastai's WeightDropout): the weights as forward reads them.
+        if parametrize.is_parametrized(module) or any(n not in self.params for n in self._weight_names()):
             with torch.no_grad():  # computed again, outside autograd: nothing saved for a checkpoint to count
                 self._forward_weights = {n: getattr(module, n).detach().clone() for n in self._weight_names()
                                          if getattr(module, n, None) is not None}
@@ -297,7 +328,7 @@ class Probe:
             self.clock.ran = True
             if p.grad is None:
                 return
-            scaler: Any = self.clock.scaler  # a torch.amp.GradScaler, or None
+            scaler = scaler_of(self.clock)  # a torch.amp.GradScaler, or None
             scaled = is_scaled(scaler)
             if not self.clock.logging:
                 # Outside logging steps only watch for NaN/Inf, with one reduction (the scaler's Infs are its own).
@@ -363,18 +394,45 @@ class Probe:
         # been replaced after watch()): its gradient statistics are left out, not reported as none.
         kept = not self._dropped and not self._foreign
         if self.clock.logging and kept and (self._ran or self._gsq):
+            self.read_unhooked_grads()
             items, host = self._grad_stats()
         if self._weights is not None and kept:
             items.update(self._update_ratio(self._weights))
-            items.update(self._internals(step))
+            try:
+                items.update(self._internals(step))
+            except Exception as exc:  # noqa: BLE001 - the gradient statistics of the step still stand
+                if len(self.failures) < MAX_FAILURES:
+                    self.failures.append(_failure(f"{self.name}: recomputing its gates", exc))
         for site, first in self._firsts().items():
             items[keys.nonfinite_key(self.name, site)] = first
         return items, host
 
+    def read_unhooked_grads(self, stepped: set[int] | None = None) -> None:
+        """On a logging step, read from `.grad` the gradients the hooks did not see: set without autograd
+        accumulating them (`p.grad = g` after torch.autograd.grad, as PCGrad, meta-learning and custom trainers
+        do). Called before an optimizer steps (stepped: ids of its parameters) and at the record. A GradScaler's
+        step has unscaled them by then; an overflow's Inf reads as unknown (NaN), not as a fault."""
+        if not self.clock.logging or self._dropped:
+            return
+        for pname, p in self.params.items():
+            if pname not in self._gsq and p.requires_grad and isinstance(p.grad, Tensor) \
+                    and (stepped is None or id(p) in stepped):
+                sq = stats.sumsq_blocks(p.grad, self._blocks(pname))
+                self._gsq[pname] = torch.where(torch.isfinite(sq), sq, torch.nan)
+
     def _count_idle(self) -> None:
         """A logging record: count those in a row with no training forward since the last; say so once."""
         self._idle = 0 if self._seen or self._gsq else self._idle + 1
+        # Gradients without a forward the hooks saw: something calls `module.forward(...)` itself, past the hooks.
+        # (A forward traced by torch.compile has a note of its own.)
+        self._unhooked = self._unhooked + 1 if self._gsq and not self._seen and not self._traced() else 0
         self._seen = False
+        if self._unhooked == IDLE_RECORDS:
+            self.notes.append(("unhooked", f"{self.name}'s parameters get gradients, but for {IDLE_RECORDS} logging "
+                               "steps its forward ran without its hooks: something calls its `.forward(...)` "
+                               "directly (AWD-LSTM's WeightDrop does), which skips every module hook, so lstmwatch "
+                               "sees its gradients only: no gates, input statistics, update ratio or gradient "
+                               "through time. Call the module itself, `module(x)`, instead"))
         if self._idle == IDLE_RECORDS:
             self.notes.append(("idle", f"{self.name} did not run in a training forward for {IDLE_RECORDS} logging "
                                "steps: was it replaced after watch() (`model.lstm = nn.LSTM(...)`)? Call "

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..gates import SeqBatch
 from ..schedule import Clock
+from .base import unscale
 
 
 def sample_rows(batch: int, clock: Clock) -> Tensor:
@@ -72,11 +73,13 @@ class Capture:
     top: Tensor | None  # (S, T, P) the module's output rows, when they are the top layer's hidden state
     grads: dict[str, Tensor] = field(default_factory=dict)  # 'out', 'h_n', 'c_n' -> sampled output gradients
 
-    def add_grad(self, key: str, g: Tensor | None) -> None:
-        """Keep the sampled rows of an output's gradient, summed over backward passes."""
+    def add_grad(self, key: str, g: Tensor | None, scaler: Any = None) -> None:
+        """Keep the sampled rows of an output's gradient, summed over backward passes; divided by the scale of
+        the GradScaler whose scaled loss the backward started from, if any."""
         if g is None:  # this output does not reach the loss (e.g. only h_n is used)
             return
         g = self.rows.of_state(g) if key != "out" else self.rows.of_out(g)  # (L * D, S, H), (S, T, D * P)
+        g = unscale(g, scaler)
         prev = self.grads.get(key)
         self.grads[key] = g if prev is None else prev + g
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import keys, recurrence, stats
 from ..gates import weights
 from ..schedule import Clock
-from .base import DATA_SITE, GATES_SITE, Probe, gate_items, gtt_items, recomputing, wide
+from .base import DATA_SITE, GATES_SITE, Probe, gate_items, gtt_items, recomputing, scaler_of, unscale, wide
 from .hooks import eager_only
 
 
@@ -99,7 +99,7 @@ class CellProbe(Probe):
         try:
             if self._dropped or self._rows is None or t >= len(self._hgrads):  # dropped, or from an earlier step
                 return
-            g = (g.detach().unsqueeze(0) if unbatched else g.detach())[self._rows]
+            g = unscale((g.detach().unsqueeze(0) if unbatched else g.detach())[self._rows], scaler_of(self.clock))
             prev = self._hgrads[t]
             self._hgrads[t] = g if prev is None else prev + g
         except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import keys, recurrence, stats
 from ..gates import SeqBatch, Weights, rnn_params
 from ..schedule import Clock
-from .base import GATES_SITE, Probe, gate_items, gtt_items
+from .base import GATES_SITE, Probe, gate_items, gtt_items, scaler_of
 from .capture import Capture, capture, read_call, read_input
 from .hooks import KernelCallHook, eager_only, overrides_forward
 
@@ -40,6 +40,7 @@ class RNNProbe(Probe):
     module: nn.RNNBase
     kernel: type[nn.RNNBase]  # nn.LSTM or nn.GRU: the class whose forward runs the recurrent kernel
     _cap: Capture | None = None
+    _cap_training = False  # whether the capture is of a call in training mode
     _inner: threading.local | None = None  # set when the module's class has a forward of its own
 
     def __init__(self, name: str, module: nn.Module, clock: Clock):
@@ -68,11 +69,14 @@ class RNNProbe(Probe):
         if x is None:  # not called with an input of this module (a subclass's own arguments)
             return
         self._mark_data(x.data if isinstance(x, PackedSequence) else x)
-        if self.clock.logging and self._cap is None and not self._dropped:
-            # Once per step: a checkpoint's recomputation, or a second call, finds the capture made.
+        # Once per step: a checkpoint's recomputation, or a second call, finds the capture made; but a call in
+        # training mode replaces one in eval mode (a validation pass run with gradients on, before training).
+        if self.clock.logging and not self._dropped and (
+                self._cap is None or (self.module.training and not self._cap_training)):
             call = read_call(self.module, x, self.cell.finals, self.cell.sizes(self.module), args, kwargs, output)
             keep_top = call.outputs is not None and self._top_is_output(call.outputs[0][1])
             self._cap = capture(self.module, call, self.clock, keep_top, self._on_out_grad)
+            self._cap_training = self.module.training
 
     def _top_is_output(self, out: Tensor) -> bool:
         """Whether the output is the top layer's hidden state as the recomputation runs it: no dropout ran
@@ -87,7 +91,7 @@ class RNNProbe(Probe):
         # The output-gradient hook, a method of the probe so that benchmarks/overhead.py can time it per probe.
         try:
             if cap is self._cap:  # not a capture dropped after a failure
-                cap.add_grad(key, g)
+                cap.add_grad(key, g, scaler_of(self.clock))
         except Exception as exc:  # noqa: BLE001 - nothing raised in a hook may reach the training loop
             self._fail(f"gradient hook of its output {key}", exc)
 

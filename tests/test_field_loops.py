@@ -1,0 +1,161 @@
+"""Training loops and wrappers other people write: gradients handed over by hand, weights frozen at watch() and
+unfrozen later, weights set by a wrapper before each call, a validation pass with gradients on before training,
+and a forward called past the module's hooks. Each is measured as a plain loop would be, or said."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lstmwatch
+
+
+class Net(nn.Module):
+    def __init__(self, lstm: nn.Module | None = None):
+        super().__init__()
+        self.lstm = lstm if lstm is not None else nn.LSTM(3, 16, batch_first=True)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        out = self.lstm(x)
+        return self.head((out[0] if isinstance(out, tuple) else out)[:, -1])
+
+
+def _batch(g: torch.Generator, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(16, 12, 3, generator=g) + shift
+    return x, x[:, :, :1].mean(1)
+
+
+def _fit(model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator, steps: int):
+    """A plain loop, watched every step; the last record."""
+    rec = None
+    with lstmwatch.watch(model, log_every=1, console=False) as w:
+        for _ in range(steps):
+            x, y = _batch(g)
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec = w.step(loss)
+    return rec
+
+
+def _lstm_norm(m: nn.Module) -> float:
+    return torch.stack([p.grad.norm() for p in m.parameters() if p.grad is not None]).norm().item()
+
+
+def test_gradients_handed_to_the_optimizer_by_hand_are_measured():
+    # torch.autograd.grad, then `p.grad = g` (PCGrad, meta-learning, custom trainers): no gradient hook runs.
+    torch.manual_seed(0)
+    model, g = Net(), torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    params = list(model.parameters())
+    with lstmwatch.watch(model, log_every=1, console=False) as w:
+        for _ in range(6):
+            x, y = _batch(g)
+            loss = F.mse_loss(model(x), y)
+            for p, grad in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = grad
+            real = _lstm_norm(model.lstm)
+            opt.step()
+            opt.zero_grad()  # before watcher.step(): the optimizer's step is where they are read
+            rec = w.step(loss)
+            assert rec.stats["lstm/grad_norm"] == pytest.approx(real, rel=1e-5)
+    assert not [e for e in w.events if e.kind == "no_gradient"]
+
+
+def test_an_lstm_frozen_at_watch_and_unfrozen_later_is_measured_once_it_trains():
+    torch.manual_seed(0)
+    model, g = Net(), torch.Generator().manual_seed(1)
+    model.lstm.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    with lstmwatch.watch(model, log_every=1, console=False) as w:
+        for step in range(1, 7):
+            if step == 4:
+                model.lstm.requires_grad_(True)  # fine-tuning: the encoder joins after a few steps
+            x, y = _batch(g)
+            F.mse_loss(model(x), y).backward()
+            real = _lstm_norm(model.lstm) if step >= 4 else 0.0
+            opt.step()
+            rec = w.step()
+            opt.zero_grad()
+            assert rec.stats["lstm/grad_norm"] == pytest.approx(real, rel=1e-5)
+            if step >= 4:
+                assert rec.stats["lstm/trainable"] == 1.0 and rec.stats["lstm/grads_seen"] == 1.0
+
+
+class DropConnect(nn.Module):
+    """Weight dropout on the recurrent weights, set on the LSTM as a plain tensor before each call (the way
+    fastai's WeightDropout wraps an LSTM): the LSTM's forward reads a weight that is not its parameter."""
+
+    def __init__(self, lstm: nn.LSTM, p: float = 0.5):
+        super().__init__()
+        self.module, self.p = lstm, p
+        raw = lstm.weight_hh_l0
+        del lstm._parameters["weight_hh_l0"]
+        self.weight_hh_l0_raw = nn.Parameter(raw.detach().clone())
+        lstm.weight_hh_l0 = raw.detach().clone()
+
+    def forward(self, x):
+        self.module.weight_hh_l0 = F.dropout(self.weight_hh_l0_raw, self.p, self.training)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # weights not in one buffer
+            return self.module(x)
+
+
+def test_weights_set_by_a_wrapper_before_each_call_are_read_as_the_forward_read_them():
+    torch.manual_seed(0)
+    model, g = Net(DropConnect(nn.LSTM(3, 16, batch_first=True))), torch.Generator().manual_seed(2)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lstmwatch.LSTMWatchFailure)  # no step may fail
+        rec = _fit(model, opt, g, 3)
+    name = "lstm.module"
+    for key in ("l0/forget/sat_right", "l0/cell/sat", "data/std", "gtt/ratio", "weight_ih_l0/grad_norm"):
+        assert f"{name}/{key}" in rec.stats, key
+    # The gates of the dropped weights, recomputed, reproduce the module's own output: its hidden states.
+    inner = model.lstm.module
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        h_ref = inner(x)[0]
+        gates = lstmwatch.lstm_gates(inner, x)
+    assert torch.allclose(gates[-1].h, h_ref, atol=1e-6)
+
+
+def test_a_validation_pass_with_gradients_on_before_training_is_not_what_is_measured():
+    torch.manual_seed(0)
+    model, g = Net(), torch.Generator().manual_seed(3)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    with lstmwatch.watch(model, console=False) as w:
+        xv, _ = _batch(g, shift=5.0)  # a validation batch nothing like the training batches
+        model.eval()
+        model(xv)  # no torch.no_grad(): autograd records it, nothing calls backward
+        model.train()
+        x, y = _batch(g)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        rec = w.step(loss)
+    assert abs(rec.stats["lstm/data/mean"]) < 1.0  # the training batch's (about 0), not the validation's (5)
+    assert rec.curves.get("lstm/gtt") and rec.stats.get("lstm/gtt/ratio") is not None
+
+
+class CallsForward(nn.Module):
+    """A wrapper that calls the LSTM's forward method itself, as AWD-LSTM's WeightDrop does: no module hook runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.LSTM(3, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.module.forward(x)
+
+
+def test_a_forward_called_past_the_hooks_is_said():
+    torch.manual_seed(0)
+    model, g = Net(CallsForward()), torch.Generator().manual_seed(4)
+    opt = torch.optim.SGD(model.parameters(), 1e-2)
+    with pytest.warns(lstmwatch.LSTMWatchFailure, match=r"calls its `\.forward\(\.\.\.\)` directly"):
+        _fit(model, opt, g, 4)
