@@ -301,20 +301,21 @@ def _lstm_backward(p: Weights, layer: Layer, e: Tensor, ec: Tensor | None,
     b[:, :, 2].mul_(i)
     b[:, :, 3].mul_(tc)
     dz = b
-    a = torch.addcmul(o, o, tc * tc, value=-1)  # (T, S, H) o (1 - tanh^2 c): dc_t / dm_t within the step
+    # (T, S, 1, H) o (1 - tanh^2 c), dc_t / dm_t within the step; becomes dL/dc_t in place, step by step, and
+    # broadcasts over b's i, f, g.
+    dc = torch.addcmul(o, o, tc * tc, value=-1)[:, :, None]
     dh = e.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (T, S, P): e_t, then dh_t in place
-    dc = torch.empty_like(a[:, :, None])  # (T, S, 1, H) dL/dc_t, broadcast over b's i, f, g
     # Each step's blocks as views made once (unbind): indexing inside the loop costs more than the ops on them.
     dhs, dzs, dz_ifg, dz_o = dh.unbind(0), dz.view(t_len, s, 4 * hsize).unbind(0), dz[:, :, :3].unbind(0), \
         dz[:, :, 3].unbind(0)
-    dcs, dc1s, a_s, fs = dc.view(t_len, s, hsize).unbind(0), dc.unbind(0), a.unbind(0), f.unbind(0)
+    dcs, dc1s, fs = dc.view(t_len, s, hsize).unbind(0), dc.unbind(0), f.unbind(0)
     ecs = ec.transpose(0, 1).unbind(0) if ec is not None else None
     whh, whr = p["w_hh"], p["w_hr"]
     for t in range(t_len - 1, -1, -1):
         if t < t_len - 1:
             dhs[t].addmm_(dzs[t + 1], whh)
         dm = dhs[t] if whr is None else dhs[t] @ whr
-        torch.mul(dm, a_s[t], out=dcs[t])
+        dcs[t].mul_(dm)
         if t < t_len - 1:
             dcs[t].addcmul_(dcs[t + 1], fs[t + 1])
         if ecs is not None and (not full or t == t_len - 1):
