@@ -125,8 +125,10 @@ class StalledLoss(Detector):
 class DivergingLoss(Detector):
     """The loss rises well above its best.
 
-    The rise is measured in units of the run's own scale, max(start - best, |start| / 2): `threshold` of
-    them for `patience` consecutive records, or `spike` of them in one record. mode: "min" or "max".
+    The rise is measured in units of the run's own scale, max(start - best, |start| / 2, noise): `threshold` of
+    them for `patience` consecutive records, or `spike` of them in one record (its mean and its last step).
+    The noise is the standard error of the rise itself, from the spread of the per-step losses (the trend's):
+    on small noisy batches a best or a start over a few steps is as much luck as level. mode: "min" or "max".
     """
 
     kind = "diverging_loss"
@@ -147,10 +149,20 @@ class DivergingLoss(Detector):
         if best_raw is None or level0_raw is None or latest_raw is None:
             return []
         best, level0, latest = s * best_raw, s * level0_raw, s * latest_raw
-        scale = max(level0 - best, abs(level0) / 2, 1e-12)
+        # Never finer than the noise of the difference itself, from the per-step spread of the loss: a best
+        # over a few steps of a noisy loss (batches of one) is as much luck as level.
+        floor = max(level0 - best, abs(level0) / 2, 1e-12)
+        scale = max(floor, trend.noise(s))
         rise = (latest - best) / scale  # smoothed as the best was: one bad small batch is not a divergence
         n = self.streak.update("run", rise > self.threshold, record.step)
-        active = n >= self.patience or rise > self.spike
+        # A spike: one record far above, against the spread known before it (a blow-up that falls back within
+        # its record must not widen its own yardstick), its last step as well as its mean (one bad batch is not).
+        spike_scale = max(floor, trend.noise(s, prior=True))
+        last = record.get(keys.LOSS)
+        spike = min((latest - best) / spike_scale, (s * last - best) / spike_scale if finite(last) else math.inf)
+        if n < self.patience and spike > self.spike:
+            rise, scale = (latest - best) / spike_scale, spike_scale  # the rise that raised it
+        active = n >= self.patience or spike > self.spike
         if not self.latch.check("", active, max(rise, 1.0), rise > self.threshold, record.step):
             return []
         return [Fact("", values={"loss": latest_raw, "rise": rise, "scale": scale, "best": best_raw,

@@ -27,6 +27,14 @@ class LossTrend:
     records every 50; the best is the lowest (sign -1: highest) such value. A non-finite loss breaks the
     trend: from then on it has no improvement and no stall (what follows is the non-finite detector's), while
     its levels go on over the finite losses that come after (a divergence is still judged on them).
+
+    The trend also knows how noisy the per-step loss is, which a smoothed value over a few steps is not (a
+    lucky first step on a batch of one can sit far below the run's level): `spread()`. Each record gives
+    samples of it from the differences it holds: its last step against the mean of its other steps, and that
+    mean against the previous record's last step (a record of one step: its step against the step before).
+    Between steps whose losses are independent such a difference is as likely to fall as to rise, so the falls
+    alone measure the spread (the rises alone, for a score): a loss that rises by itself, as a diverging one
+    does, does not widen it.
     """
 
     def __init__(self, smooth_steps: int = 50, start_steps: tuple[int, ...] = START_STEPS):
@@ -42,6 +50,16 @@ class LossTrend:
         self._prev_step = 0
         self.broken = False
         self.latest_unbroken: float | None = None  # the latest value before the first non-finite loss
+        self.latest_steps = 0  # steps the latest value covers
+        self.low_steps = self.high_steps = 0  # steps the lowest and highest values covered
+        self.prior_low_steps = self.prior_high_steps = 0
+        # Squared differences between steps, each an estimate of the per-step variance: [sum over the falls, sum
+        # over the rises, how many differences]; `_prior_spread` before the latest record. `_last`: the latest
+        # record's last loss, at step `_last_step`.
+        self._spread: list[float] = [0.0, 0.0, 0.0]
+        self._prior_spread: list[float] = [0.0, 0.0, 0.0]
+        self._last: float | None = None
+        self._last_step = 0
 
     def update(self, record: Record) -> None:
         """Take the record's mean loss since the previous record; a record without one changes nothing."""
@@ -53,6 +71,8 @@ class LossTrend:
             return
         span = max(record.step - self._prev_step, 1)
         self._prev_step = record.step
+        self._prior_spread = list(self._spread)
+        self._add_spread(record, v, span)
         if not self.broken:
             self.step = record.step
         for steps, acc in self._start.items():
@@ -64,11 +84,61 @@ class LossTrend:
         while len(self._recent) > 1 and covered - self._recent[0][0] >= self.smooth_steps:
             covered -= self._recent.popleft()[0]  # the newer records cover the window without it
         self.latest = sum(n * x for n, x in self._recent) / covered
+        self.latest_steps = covered
         self.prior_low, self.prior_high = self.low, self.high
-        self.low = self.latest if self.low is None else min(self.low, self.latest)
-        self.high = self.latest if self.high is None else max(self.high, self.latest)
+        self.prior_low_steps, self.prior_high_steps = self.low_steps, self.high_steps
+        if self.low is None or self.latest < self.low:
+            self.low, self.low_steps = self.latest, covered
+        if self.high is None or self.latest > self.high:
+            self.high, self.high_steps = self.latest, covered
         if not self.broken:
             self.latest_unbroken = self.latest
+
+    def _add_spread(self, record: Record, mean: float, span: int) -> None:
+        """Samples of the per-step variance from the record's losses (see the class)."""
+        last = record.get(keys.LOSS)
+        before = self._last if self._last_step == record.step - span else None  # the last loss of the step before
+        if last is None or not math.isfinite(last):
+            self._last, self._last_step = None, 0
+            return
+        self._last, self._last_step = last, record.step
+        # (a, b, c): two losses whose difference b - a has variance c * spread^2 when the steps are independent.
+        pairs: list[tuple[float, float, float]] = []
+        if span == 1:
+            if before is not None:
+                pairs.append((before, last, 2.0))
+        else:
+            others = (span * mean - last) / (span - 1)  # the mean of the record's steps before its last one
+            pairs.append((others, last, span / (span - 1)))
+            if before is not None:
+                pairs.append((before, others, span / (span - 1)))
+        for a, b, c in pairs:
+            diff = b - a
+            var = diff * diff / c
+            if not math.isfinite(var):
+                continue
+            self._spread[0 if diff < 0 else 1] += var  # every difference is a sample, a fall or a rise
+            self._spread[2] += 1
+
+    def spread(self, sign: float = 1.0, prior: bool = False) -> float:
+        """The standard deviation of the per-step loss, from the step-to-step falls (sign -1: the rises) seen so
+        far; `prior`: before the latest record. 0 while none is known."""
+        fall, rise, n = self._prior_spread if prior else self._spread
+        return math.sqrt(2 * (fall if sign > 0 else rise) / n) if n else 0.0
+
+    def best_steps(self, sign: float = 1.0, prior: bool = False) -> int:
+        """The steps the best smoothed value covered (sign -1: of a score); `prior`: before the latest record."""
+        if prior:
+            return self.prior_low_steps if sign > 0 else self.prior_high_steps
+        return self.low_steps if sign > 0 else self.high_steps
+
+    def noise(self, sign: float = 1.0, prior: bool = False) -> float:
+        """The standard error of the latest value's difference from the best before it, by the per-step spread
+        (`prior`: as known before the latest record); 0 while no spread is known."""
+        n_best = self.best_steps(sign, prior=True)
+        if not n_best or not self.latest_steps:
+            return 0.0
+        return self.spread(sign, prior) * math.sqrt(1 / n_best + 1 / self.latest_steps)
 
     def level0(self, steps: int = 50) -> float | None:
         """The starting level: the mean loss over the first `steps` steps (one of START_STEPS)."""
@@ -108,7 +178,11 @@ class LossTrend:
         return {"smooth_steps": self.smooth_steps, "start": [[n, *a] for n, a in self._start.items()],
                 "recent": [list(r) for r in self._recent], "latest": self.latest, "low": self.low, "high": self.high,
                 "prior_low": self.prior_low, "prior_high": self.prior_high, "step": self.step,
-                "prev_step": self._prev_step, "broken": self.broken, "latest_unbroken": self.latest_unbroken}
+                "prev_step": self._prev_step, "broken": self.broken, "latest_unbroken": self.latest_unbroken,
+                "latest_steps": self.latest_steps, "low_steps": self.low_steps, "high_steps": self.high_steps,
+                "prior_low_steps": self.prior_low_steps, "prior_high_steps": self.prior_high_steps,
+                "spread": list(self._spread), "prior_spread": list(self._prior_spread), "last": self._last,
+                "last_step": self._last_step}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """Resume from `state_dict()`'s values."""
@@ -119,3 +193,10 @@ class LossTrend:
         self.prior_low, self.prior_high = d["prior_low"], d["prior_high"]
         self.step, self._prev_step, self.broken = d["step"], d["prev_step"], d["broken"]
         self.latest_unbroken = d["latest_unbroken"]
+        # A state saved before the trend knew the spread: none known yet, it is learned from the records to come.
+        self.latest_steps, self.low_steps, self.high_steps, self.prior_low_steps, self.prior_high_steps = (
+            int(d.get(k, 0)) for k in ("latest_steps", "low_steps", "high_steps", "prior_low_steps",
+                                       "prior_high_steps"))
+        self._spread = [float(x) for x in d.get("spread", (0.0, 0.0, 0))]
+        self._prior_spread = [float(x) for x in d.get("prior_spread", (0.0, 0.0, 0))]
+        self._last, self._last_step = d.get("last"), int(d.get("last_step", 0))
