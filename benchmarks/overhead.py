@@ -6,6 +6,7 @@
     python benchmarks/overhead.py --only reference --aa   # the reference, and plain against plain: the noise floor
     python benchmarks/overhead.py --device cuda   # the same on a GPU: cuDNN's LSTM, each step timed to a synchronize
     python benchmarks/overhead.py --only cell     # nn.LSTMCell(32, 256) stepped by hand over T=100, and its profile
+    python benchmarks/overhead.py --only sample,floor   # a logging step by sample size; its unavoidable matmuls alone
 
 Reference workload: nn.LSTM(32, 256, num_layers=2, batch_first=True), a linear head on the last step,
 batch 64, 100 timesteps, Adam, 2 CPU threads. Every variant is a copy of one model with identical weights,
@@ -355,6 +356,65 @@ def point(cfg: Config, pairs: int, sample: int = 8) -> dict:
             "inside_ratio": 1 + (ins_s + (ins_l - ins_s) / LOG_EVERY) / p}
 
 
+def floor(cfg: Config, sample: int, reps: int) -> list[dict]:
+    """The matrix products an exact logging step of cfg's nn.LSTM cannot do without, each timed alone on `sample`
+    rows: the fused kernel for every layer below the top (whose hidden states the module's output gives), the
+    gate pre-activations of every layer (two products over all S * T steps), the backward through time (T
+    products of (S, 4H) by (4H, H) per layer, each waiting on the one before) and the gradient into each layer
+    from the one above. Nothing else of the logging step (nonlinearities, statistics, hooks) is counted.
+    """
+    s, t_len, h, g = sample, cfg.seq, cfg.hidden, 4 * cfg.hidden
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (0.05 * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+    def timed(fn) -> float:
+        fn()  # first-call costs out
+        device_sync()
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            device_sync()
+            best = min(best, time.perf_counter() - t0)
+        return 1e3 * best
+
+    widths = [cfg.inp] + [h] * (cfg.layers - 1)  # each layer's input width
+    rows = []
+    if cfg.layers > 1:
+        x0, zero = rand(s, t_len, cfg.inp), rand(1, s, h).zero_()
+        lower = [[rand(g, f), rand(g, h), rand(g), rand(g)] for f in widths[:-1]]
+
+        def kernel() -> None:
+            x = x0
+            with torch.no_grad():
+                for flat in lower:
+                    x = torch._VF.lstm(x, (zero, zero), flat, True, 1, 0.0, False, False, True)[0]
+        rows.append({"part": f"hidden states of the {cfg.layers - 1} lower layer(s): the fused kernel, T steps each",
+                     "ms": timed(kernel)})
+    xs, hs, ws = [rand(s * t_len, f) for f in widths], rand(s * t_len, h), [rand(f, g) for f in widths]
+    whh = rand(h, g)
+    rows.append({"part": "gate pre-activations: (S T, F) @ (F, 4H) and (S T, H) @ (H, 4H) per layer",
+                 "ms": timed(lambda: [(x @ w, hs @ whh) for x, w in zip(xs, ws)])})
+    dz, dh, w_back = rand(t_len, s, g), rand(t_len, s, h), rand(g, h)
+    dzs, dhs = dz.unbind(0), dh.unbind(0)
+
+    def through_time() -> None:
+        for _ in range(cfg.layers):
+            for t in range(t_len - 1):
+                dhs[t].addmm_(dzs[t + 1], w_back)
+
+    rows.append({"part": f"backward through time: {cfg.layers} x {t_len - 1} products (S, 4H) @ (4H, H), in turn",
+                 "ms": timed(through_time)})
+    if cfg.layers > 1:
+        dzf, w_in = dz.reshape(t_len * s, g), rand(g, h)
+        rows.append({"part": "gradient into each lower layer: (S T, 4H) @ (4H, H)",
+                     "ms": timed(lambda: [dzf @ w_in for _ in range(cfg.layers - 1)])})
+    rows.append({"part": "floor: all of the above", "ms": sum(r["ms"] for r in rows)})
+    return rows
+
+
 GRID = {
     "hidden": [64, 128, 256, 512, 1024],
     "seq": [10, 30, 100, 300, 1000],
@@ -536,9 +596,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="leave out the per-function profile")
     ap.add_argument("--aa", action="store_true",
                     help="also run the reference protocol plain against plain: the method's noise floor")
-    ap.add_argument("--only", help="comma-separated sections to run: reference,compare,batch,profile,grid,cell "
-                                   "(cell: an nn.LSTMCell stepped by hand, plain against watched, and its profile; "
-                                   "only with --only)")
+    ap.add_argument("--only", help="comma-separated sections to run: reference,compare,batch,profile,grid,cell,"
+                                   "sample,floor (cell: an nn.LSTMCell stepped by hand, plain against watched, and "
+                                   "its profile; sample: a logging step by sample size; floor: the matrix products "
+                                   "an exact logging step cannot do without; these three only with --only)")
     ap.add_argument("--hidden", type=int, default=256, help="reference hidden size (default 256)")
     ap.add_argument("--seq", type=int, default=100, help="reference sequence length (default 100)")
     ap.add_argument("--layers", type=int, default=2, help="reference layers (default 2)")
@@ -547,12 +608,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only:
         only = set(args.only.split(","))
-        unknown = only - {"reference", "compare", "batch", "profile", "grid", "cell"}
+        unknown = only - {"reference", "compare", "batch", "profile", "grid", "cell", "sample", "floor"}
         if unknown:
             ap.error(f"unknown section(s) in --only: {', '.join(sorted(unknown))}")
         args.no_compare, args.no_profile = "compare" not in only, "profile" not in only
         args.grid = "grid" in only
-    run = (lambda name: name in only) if args.only else (lambda name: name != "cell")
+    run = (lambda name: name in only) if args.only else (lambda name: name not in ("cell", "sample", "floor"))
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -611,6 +672,33 @@ def main(argv: list[str] | None = None) -> int:
                            ("inside lstmwatch, logging step ms", "inside_log_ms", ".1f"),
                            ("inside, steady step ms", "inside_steady_ms", ".2f")]))
         print(flush=True)
+
+    if run("sample"):
+        section(f"A logging step by sample size ({ref.but(batch=0).label()[:-4]}): the cost of `sample`")
+        rows = []
+        for b in sorted({8, ref.batch}):
+            for sm in (1, 2, 4, 8):
+                r = point(ref.but(batch=b), 2 if quick else 8, sample=sm)
+                r["sample"] = sm
+                r["inside_steps"] = r["inside_log_ms"] / r["plain_ms"]
+                rows.append(r)
+        print(table(rows, [("batch", "batch", "d"), ("sample", "sample", "d"), ("plain ms/step", "plain_ms", ".1f"),
+                           ("logging step - plain, ms", "log_extra_ms", ".1f"),
+                           ("in plain steps", "log_extra_steps", ".2f"),
+                           ("inside lstmwatch, logging step ms", "inside_log_ms", ".1f"),
+                           ("inside, in plain steps", "inside_steps", ".2f")]))
+        print(flush=True)
+
+    if run("floor"):
+        section(f"The floor of an exact logging step: its unavoidable matrix products alone ({ref.label()})")
+        small = point(ref.but(batch=8), 2 if quick else 4)
+        for sm in (8, 1):
+            rows = floor(ref, sm, 5 if quick else 20)
+            print(f"sample={sm}:\n")
+            print(table(rows, [("part", "part", "s"), ("ms", "ms", ".1f")]))
+            total = rows[-1]["ms"]
+            print(f"\nfloor {total:.1f} ms = {total / small['plain_ms']:.2f} plain steps at batch 8 "
+                  f"({small['plain_ms']:.1f} ms; goal <= 0.5)\n", flush=True)
 
     if not args.no_profile:
         prows, p_ms = hook_profile(ref, 10 if quick else 30, 2 if quick else 5)

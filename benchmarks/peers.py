@@ -7,9 +7,10 @@
 Reference workload (as benchmarks/overhead.py): nn.LSTM(32, 256, num_layers=2, batch_first=True), a linear head on
 the last step, batch 64, T=100, Adam, 2 CPU threads. Every row trains its own copy of one model on the same batch;
 the copies run in blocks of --block steps, interleaved, the order reversed every round, so drifts of the machine
-fall on all alike. Rows: plain, a second plain copy (the method's noise floor), lstmwatch (default; every step),
-wandb.watch (default; log="all" every step, in an offline run, wandb.log each step as a user's loop does),
-torch.autograd.detect_anomaly() around forward and backward, and torchmortem's Autopsy attached as its README says.
+fall on all alike. Rows: plain, a second plain copy (the method's noise floor), lstmwatch (default; every step;
+every step on 2 sampled rows), wandb.watch (default; log="all" every step, in an offline run, wandb.log each step
+as a user's loop does), torch.autograd.detect_anomaly() around forward and backward, and torchmortem's Autopsy
+attached as its README says.
 
 Columns: `ratio` is the trimmed mean (10% off each end, at least one block each from 5 blocks on) of the paired
 per-block ratios, the row's block over plain's block of the same round; `IQR` and `min-max` their spread over
@@ -92,7 +93,7 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
 
 
 def lstmwatch_peers(base: torch.nn.Module, data: Data) -> list[Peer]:
-    """lstmwatch with its defaults (console off) and with everything every step."""
+    """lstmwatch with its defaults (console off), and with everything every step on 8 rows and on 2."""
     return [
         Peer("lstmwatch default", "lstmwatch default (`log_every=50`)",
              "NaN/Inf sums each step; every 50th: gates, saturation, grad through time, per-gate norms (8 rows)",
@@ -100,6 +101,10 @@ def lstmwatch_peers(base: torch.nn.Module, data: Data) -> list[Peer]:
         Peer("every step", "lstmwatch every step (`log_every=1`)",
              "gates, saturation, grad through time, per-gate norms every step (8 sampled rows)",
              oh.Variant("lstmwatch every step", base, data, attach=oh.lstmwatch_attach(log_every=1))),
+        Peer("every step sample=2", "lstmwatch every step on 2 rows (`log_every=1, sample=2`)",
+             "the same every step, from 2 sampled rows: the cost of `sample`",
+             oh.Variant("lstmwatch every step, sample 2", base, data,
+                        attach=oh.lstmwatch_attach(log_every=1, sample=2))),
     ]
 
 
