@@ -159,3 +159,41 @@ def test_a_forward_called_past_the_hooks_is_said():
     opt = torch.optim.SGD(model.parameters(), 1e-2)
     with pytest.warns(lstmwatch.LSTMWatchFailure, match=r"calls its `\.forward\(\.\.\.\)` directly"):
         _fit(model, opt, g, 4)
+
+
+def test_a_compiled_graph_traced_before_watch_is_said():
+    # A notebook: the compiled model ran before watch(); its graph, reused, runs the cell without the hooks.
+    pytest.importorskip("torch._dynamo")
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = nn.LSTMCell(3, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = c = x.new_zeros(x.shape[0], 8)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = Loop()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), 1e-2)
+
+    def step():
+        loss = compiled(torch.randn(4, 5, 3)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    step()
+    try:
+        with pytest.warns(lstmwatch.LSTMWatchFailure, match="torch.compile graph traced before watch"):
+            with lstmwatch.watch(model, log_every=1, console=False) as w:
+                for _ in range(4):
+                    w.step(step())
+    finally:
+        torch._dynamo.reset()

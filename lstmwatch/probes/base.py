@@ -429,10 +429,13 @@ class Probe:
         self._seen = False
         if self._unhooked == IDLE_RECORDS:
             self.notes.append(("unhooked", f"{self.name}'s parameters get gradients, but for {IDLE_RECORDS} logging "
-                               "steps its forward ran without its hooks: something calls its `.forward(...)` "
-                               "directly (AWD-LSTM's WeightDrop does), which skips every module hook, so lstmwatch "
-                               "sees its gradients only: no gates, input statistics, update ratio or gradient "
-                               "through time. Call the module itself, `module(x)`, instead"))
+                               "steps its forward ran without its hooks, so lstmwatch sees its gradients only: no "
+                               "gates, input statistics, update ratio or gradient through time. Either something "
+                               "calls its `.forward(...)` directly (AWD-LSTM's WeightDrop does), which skips every "
+                               "module hook: call the module itself, `module(x)`; or a torch.compile graph traced "
+                               "before watch() runs its forward: call watch() before the first compiled call, or "
+                               "`torch._dynamo.reset()` after it (a module traced into a graph keeps its gradient "
+                               "statistics only, and lstmwatch says so)"))
         if self._idle == IDLE_RECORDS:
             self.notes.append(("idle", f"{self.name} did not run in a training forward for {IDLE_RECORDS} logging "
                                "steps: was it replaced after watch() (`model.lstm = nn.LSTM(...)`)? Call "
