@@ -168,6 +168,7 @@ class Watcher:
         seed: int = 0,
         rank_timeout: float | None = None,
         name: str | None = None,
+        quiet: bool = False,
     ):
         _check_args(sample=sample, scaler=scaler, modules=modules, max_records=max_records, max_events=max_events)
         if name is not None and not (isinstance(name, str) and name.strip()):
@@ -189,7 +190,8 @@ class Watcher:
             prev = _open_watcher(m)
             if prev is not None and not prev.closed:
                 # A notebook cell run again, most often: a note, not a warning; the earlier watcher's hooks go.
-                print("lstmwatch: this model was already watched; the earlier watcher is closed", file=sys.stderr)
+                if not quiet:
+                    print("lstmwatch: this model was already watched; the earlier watcher is closed", file=sys.stderr)
                 prev.close()
         self.probes: list[Probe] = [_probe(name, m, self.clock) for name, m in found]
         # Gradients handed to an optimizer by hand (`p.grad = g`) pass no gradient hook: read them as it steps.
@@ -348,9 +350,13 @@ class Watcher:
         self.close()
 
     def __del__(self) -> None:
-        # A watcher dropped without close() must not leave hooks behind on the user's model.
+        # A watcher dropped without close() must not leave hooks behind: on the user's model, or the global
+        # optimizer step pre-hook (it would run on every optimizer step of the process).
         try:
             if not self.closed:
+                opt_hook = getattr(self, "_opt_hook", None)
+                if opt_hook is not None:
+                    opt_hook.remove()
                 for p in self.probes:
                     p.remove()
         except Exception:
@@ -503,4 +509,4 @@ def watch(
         dets = Detectors(detectors)
     return Watcher(model, log_every=log_every, sample=sample, modules=modules, detectors=dets, sinks=sinks,
                    scaler=scaler, max_records=max_records, max_events=max_events, rank_timeout=rank_timeout,
-                   name=name)
+                   name=name, quiet=not console)

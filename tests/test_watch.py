@@ -328,19 +328,28 @@ def test_close_keeps_the_users_own_hooks():
 def test_dropped_watcher_leaves_no_hooks():
     import gc
 
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
     model = Tagger()
-    w = lstmwatch.watch(model, console=False)
-    del w
-    gc.collect()
+    before = len(_global_optimizer_pre_hooks)
+    for _ in range(3):  # a notebook cell run again and again, never closing
+        w = lstmwatch.watch(model, console=False)
+        assert len(_global_optimizer_pre_hooks) == before + 1
+        del w
+        gc.collect()
     assert hooks_of(model) == (0, 0)
+    assert len(_global_optimizer_pre_hooks) == before  # no global optimizer hook left either
 
 
 def test_second_watch_closes_the_first(capsys, recwarn):
     # A notebook cell run again: one line on stderr, no warning.
     model = Tagger()
     first = lstmwatch.watch(model, log_every=1, console=False)
-    second = lstmwatch.watch(model, log_every=1, console=False)
+    second = lstmwatch.watch(model, log_every=1)
     assert capsys.readouterr().err.strip() == "lstmwatch: this model was already watched; the earlier watcher is closed"
+    lstmwatch.watch(model, log_every=1, console=False).close()  # console=False: not a word
+    assert capsys.readouterr().err == ""
+    second = lstmwatch.watch(model, log_every=1, console=False)
     assert not [w for w in recwarn.list if issubclass(w.category, lstmwatch.LSTMWatchWarning)]
     assert first.closed and not second.closed
     assert hooks_of(model) == (1, sum(1 for _ in model.enc.parameters()))
