@@ -5,7 +5,9 @@ through torch.distributed's key-value store; rank 0 combines them key by key as 
 runs the detectors and sinks on the result. The store, not a collective: a rank never waits for another
 (rank 0 waits a bounded time for the others' values, then goes on without a rank that has not reported and
 says so), so lstmwatch cannot hang a job or add work to the device's stream, and nothing is exchanged on
-other steps. The logging schedule depends only on the step count, so every rank logs the same steps.
+other steps. The logging schedule depends only on the step count, so every rank logs the same steps; a rank
+whose count of watcher.step() calls drifted from rank 0's (a call skipped or repeated) is given rank 0's at its
+next logging step (see Ranks).
 
 Across ranks, means (fractions, saturation, losses) are the mean over ranks, each rank's sample counting
 alike (DDP gives every rank the same batch size); maxima and minima are over ranks; the first non-finite step
@@ -19,7 +21,9 @@ import itertools
 import math
 import pickle
 import warnings
+import weakref
 from collections import Counter
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -66,9 +70,17 @@ def _store() -> Any:
 
 
 class Ranks:
-    """This process's place in a distributed job, and the exchange of a logging step's statistics."""
+    """This process's place in a distributed job, and the exchange of a logging step's statistics.
 
-    def __init__(self, wait_s: float = WAIT_S):
+    Each rank hands its values over in one key of its own, labelled with its step and its count of optimizer
+    steps; rank 0 takes and deletes it, so the store never holds more than one per rank. The optimizer steps
+    are the ranks' common clock (DDP steps them together): a rank whose count of watcher.step() calls drifted
+    from rank 0's (a call skipped or repeated) hands over values labelled with a step rank 0 is not at. Rank 0
+    then leaves them out and, in the rank's second key, gives it its own count less its optimizer steps; the
+    rank reads that key at its next logging step and moves its count to rank 0's, so that later logging steps
+    fall on the same optimizer steps again. Nothing is exchanged on other steps."""
+
+    def __init__(self, wait_s: float = WAIT_S, modules: Iterable[Any] = ()):
         self.rank, self.size = world()
         self.wait_s = wait_s
         self._id = next(_IDS)
@@ -80,51 +92,137 @@ class Ranks:
                 warnings.warn("lstmwatch: torch.distributed's key-value store cannot be reached, so the ranks' "
                               "statistics are not combined: rank 0 reports its own batch's only",
                               LSTMWatchFailure, stacklevel=user_stacklevel())
-        self._silent: set[int] = set()  # ranks that missed a logging step: not waited for until they report
+        # The optimizer steps that move the watched modules' weights: DDP takes them together on every rank.
+        self.optimizer_steps = 0
+        if self._store is not None:
+            _count_optimizer_steps(self, {id(p) for m in modules for p in m.parameters()})
+        self._silent: set[int] = set()  # ranks rank 0 went on without: not waited for until they are in step
+        self._told: set[int] = set()  # of those, the ones given rank 0's count, which they have not read yet
+        self._moves: dict[int, int] = {}  # how far each rank moved its count, not yet said
+        self.moved = 0  # another rank: how far its last gather() moved its step count to rank 0's
+        self._unsaid = 0  # another rank: moves rank 0 has not heard of yet
 
     @property
     def leader(self) -> bool:
         """Whether this process reports: rank 0, or the only process."""
         return self.rank == 0
 
-    def _key(self, step: int, rank: int) -> str:
-        return f"lstmwatch/{self._id}/{step}/{rank}"
+    def _key(self, what: str, rank: int) -> str:
+        return f"lstmwatch/{self._id}/{what}/{rank}"
 
-    def gather(self, step: int, values: Values, curves: Curves) -> list[tuple[int, Values, Curves]] | None:
+    def gather(self, step: int, values: Values, curves: Curves,
+               is_logging: Callable[[int], bool] = lambda _: True) -> list[tuple[int, Values, Curves]] | None:
         """Every rank's (rank, values, curves) of `step` on rank 0, its own first; None on other ranks (which
-        only hand theirs over)."""
+        only hand theirs over, after taking rank 0's step count if it gave them it: `moved` says how far)."""
+        self.moved = 0
         if self.size == 1 or self._store is None:
             return [(self.rank, values, curves)] if self.leader else None
+        opt = self.optimizer_steps
         if not self.leader:
-            self._store.set(self._key(step, self.rank), pickle.dumps((values, curves)))
+            told = self._key("count", self.rank)
+            if self._store.check([told]):  # rank 0's count less its optimizer steps: this rank's is off
+                given = int(self._store.get(told))
+                self._store.delete_key(told)
+                if opt > 0 and opt + given > 0:
+                    self.moved = opt + given - step
+                    self._unsaid += self.moved
+            label = step + self.moved
+            if not self.moved or is_logging(label):  # values of a step rank 0 does not log would stay unread
+                self._store.set(self._key("values", self.rank), pickle.dumps((label, opt, self._unsaid, values,
+                                                                              curves)))
+                self._unsaid = 0
             return None
+        lead = step - opt if opt > 0 else None  # what every rank's step less its optimizer steps must be
         got = [(0, values, curves)]
         for r in range(1, self.size):
-            key = self._key(step, r)
-            if not self._arrived(key, r, step):
-                continue
-            v, c = pickle.loads(self._store.get(key))
-            self._store.delete_key(key)
-            got.append((r, v, c))
+            part = self._take(r, step, lead)
+            if part is not None:
+                got.append((r, *part))
         return got
 
-    def _arrived(self, key: str, rank: int, step: int) -> bool:
-        """Whether rank's values of `step` are in the store, waiting for them up to wait_s unless it is silent."""
-        if self._store.check([key]):
+    def _take(self, rank: int, step: int, lead: int | None) -> tuple[Values, Curves] | None:
+        """On rank 0: rank's values of `step`, waiting for them up to wait_s unless it is silent; None when they
+        do not come, or come from another optimizer step (the rank is then given rank 0's count)."""
+        key = self._key("values", rank)
+        if rank in self._told and not self._store.check([self._key("count", rank)]):
+            self._told.discard(rank)  # it took rank 0's count at a logging step of its own: in step again
             self._silent.discard(rank)
-            return True
-        if rank in self._silent:
-            return False
+        for _ in range(2):  # a late handover of an earlier step is dropped, and this step's waited for
+            if rank in self._silent:
+                if not self._store.check([key]):
+                    return None
+            elif not self._arrived(key, rank, step, lead):
+                return None
+            label, opt, moved, v, c = pickle.loads(self._store.get(key))
+            self._store.delete_key(key)
+            skew = label - opt if opt > 0 else None
+            if lead is not None and skew is not None and skew != lead:
+                # Its count of step() calls is not rank 0's: these values are of another optimizer step.
+                self._tell(rank, lead)
+                return None
+            if moved:
+                self._moves[rank] = self._moves.get(rank, 0) + moved
+            if label == step:
+                self._silent.discard(rank)
+                moved = self._moves.pop(rank, 0)
+                if moved:
+                    n = f"{abs(moved)} {'fewer' if moved > 0 else 'more'} call{'s' if abs(moved) > 1 else ''}"
+                    warnings.warn(f"lstmwatch: rank {rank} had counted {n} of watcher.step() than rank 0 for the "
+                                  f"same optimizer steps (a call skipped or repeated on one of them?); it has "
+                                  f"taken rank 0's count, and its statistics are combined again from step {step}",
+                                  LSTMWatchFailure, stacklevel=user_stacklevel())
+                return v, c
+            if skew is None:  # no optimizer steps to tell whether it is in step: not waited for
+                return None
+            self._silent.discard(rank)  # in step, late at an earlier logging step: this one's values follow
+        return None
+
+    def _tell(self, rank: int, lead: int) -> None:
+        """Give a rank rank 0's step count less its optimizer steps, for its next logging step; until it has
+        read it, it is not waited for."""
+        self._store.set(self._key("count", rank), str(lead))
+        self._told.add(rank)
+        self._silent.add(rank)
+
+    def _arrived(self, key: str, rank: int, step: int, lead: int | None) -> bool:
+        """Whether rank's values are in the store, waiting for them up to wait_s."""
         try:
             self._store.wait([key], timedelta(seconds=self.wait_s))
             return True
         except Exception:  # noqa: BLE001 - the store's timeout error type differs between backends
-            self._silent.add(rank)
             warnings.warn(f"lstmwatch: rank {rank} did not hand over its statistics of step {step} within "
                           f"{self.wait_s:.0f} s (did it stop calling watcher.step(), or fall behind?); step "
-                          f"{step} is combined without it, and so are later ones until it reports again",
+                          f"{step} is combined without it, and so are later ones until it reports again"
+                          + (" (a rank whose count of step() calls drifted takes rank 0's at its next logging "
+                             "step)" if lead is not None else ""),
                           LSTMWatchFailure, stacklevel=user_stacklevel())
+            if lead is not None:
+                self._tell(rank, lead)
+            else:
+                self._silent.add(rank)
             return False
+
+
+def _count_optimizer_steps(ranks: Ranks, params: set[int]) -> None:
+    """Count in `ranks.optimizer_steps` the steps of optimizers that hold some of `params`: a global optimizer
+    step pre-hook, removed when `ranks` is collected."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    ref = weakref.ref(ranks)
+    holds: weakref.WeakKeyDictionary[Any, tuple[int, bool]] = weakref.WeakKeyDictionary()  # opt: (groups, holds)
+
+    def count(opt: Any, args: Any, kwargs: Any) -> None:
+        r = ref()
+        if r is None:
+            return
+        known = holds.get(opt)
+        if known is None or known[0] != len(opt.param_groups):
+            known = holds[opt] = (len(opt.param_groups),
+                                  any(id(p) in params for g in opt.param_groups for p in g["params"]))
+        if known[1]:
+            r.optimizer_steps += 1
+
+    weakref.finalize(ranks, register_optimizer_step_pre_hook(count).remove)
 
 
 def combine(parts: list[tuple[int, Values, Curves]]) -> tuple[Values, Curves, dict[str, int]]:

@@ -175,7 +175,7 @@ class Watcher:
             raise TypeError(f"name must be a non-empty str (the run's name), got {name!r}")
         found = find_modules(model, modules)
         # Under torch.distributed every rank measures; rank 0 combines and is the only one to report.
-        self.ranks = Ranks(wait_s_from(rank_timeout))
+        self.ranks = Ranks(wait_s_from(rank_timeout), [m for _, m in found])
         self.log_every, self.sample = log_every, sample
         self.clock = Clock.start(log_every, sample, torch.Generator().manual_seed(seed), scaler)
         # A NaN brings a record forward, except in a distributed job: there a record is the whole job's, made
@@ -388,7 +388,10 @@ class Watcher:
         values.update(host)
         # A distributed job: rank 0 combines every rank's values of a logging step (only those: a record forced
         # by one rank's val_loss is its own), the other ranks hand theirs over and report nothing.
-        parts = self.ranks.gather(s, values, curves) if self.clock.logging else [(self.ranks.rank, values, curves)]
+        parts = self.ranks.gather(s, values, curves, self.clock.is_logging) if self.clock.logging \
+            else [(self.ranks.rank, values, curves)]
+        if self.ranks.moved:  # this rank's count of step() calls had drifted from rank 0's: it takes rank 0's
+            self.clock.seek(s + self.ranks.moved)
         source: dict[str, int] = {}
         if parts is not None:
             values, curves, source = combine(parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Any
 
 from .. import keys
 from ..events import Record
@@ -178,28 +179,62 @@ class DivergingLoss(Detector):
 
 
 class Overfitting(Detector):
-    """The validation loss rises for `patience` evaluations while the training loss keeps falling.
+    """The validation loss stays above its best for `patience` evaluations while the training loss keeps falling.
 
-    min_delta: relative change that counts as an improvement of the validation loss; threshold: how far
-    (relative) the recent validation losses must sit above their best; the training loss must have fallen
-    by `train_delta` (relative) since the best evaluation. mode: "min" for losses, "max" for scores.
+    The recent level (the mean of the evaluations since the best, the last `patience` of them) must sit above the
+    best evaluation by `threshold` (relative) and by `noise` standard errors of that difference, from the spread
+    of the validation loss between evaluations: on a small or fixed validation set the loss wanders from one
+    evaluation to the next, and its best is as much luck as level. The spread comes from the concave bends of
+    the validation losses (a second difference below zero), their mean square: learning bends the curve up as
+    it flattens, and so does overfitting as the loss turns and rises, so only the noise bends it down (and a
+    curve bent up by a trend yields fewer concave bends, not smaller ones).
+    The training loss must have fallen since the best evaluation by `train_delta` (relative) and by `train_noise`
+    standard errors, from the spread of its per-step rises (the trend's; a falling loss does not widen them): on
+    fresh batches a converged model's training loss wanders too, and a wander is not memorization.
+    min_delta: relative change that counts as an improvement of the validation loss. mode: "min" for losses,
+    "max" for scores.
     """
 
     kind = "overfitting"
     needs_trend = True
-    _state = ("best", "best_step", "train_at_best", "since", "evaluations")
+    _state = ("best", "best_step", "train_at_best", "since", "evaluations", "train_steps_at_best", "previous",
+              "bends")
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0, threshold: float = 0.1, train_delta: float = 0.1,
-                 mode: str = "min"):
+                 mode: str = "min", noise: float = 2.0, train_noise: float = 3.0):
         super().__init__()
         self.patience, self.min_delta, self.threshold, self.train_delta = patience, min_delta, threshold, train_delta
+        self.noise, self.train_noise = noise, train_noise
         self.sign = _sign(mode)
         # In the direction of the mode (sign * raw): lower is better.
         self.best: float | None = None
         self.best_step = 0
         self.train_at_best: float | None = None
+        self.train_steps_at_best = 0  # the steps the smoothed training loss covered at the best
         self.since: deque[float] = deque(maxlen=max(patience, 1))  # the latest validation losses since the best
         self.evaluations = 0  # evaluations since the best
+        self.previous: deque[float] = deque(maxlen=2)  # the two evaluations before this one, for the bends
+        # Second differences of the validation loss: [sum of the squared concave ones, how many concave (a flat one
+        # counts half), how many in all]. Three evaluations a, b, c of independent noise: a - 2b + c has variance
+        # 6 sigma^2, as much of it below zero as above.
+        self.bends: list[float] = [0.0, 0.0, 0.0]
+
+    def spread(self) -> float:
+        """The standard deviation of one evaluation's validation loss about its level, from the concave bends seen
+        so far (see the class); 0 while none is known."""
+        concave, n, _ = self.bends
+        return math.sqrt(concave / (6 * n)) if n else 0.0
+
+    def _bend(self, v: float) -> None:
+        if len(self.previous) == 2:
+            a, b = self.previous
+            dd = a - 2 * b + v
+            if math.isfinite(dd):
+                if dd <= 0:  # a flat one (a constant or straight run) is as much one way as the other: half
+                    self.bends[0] += dd * dd
+                    self.bends[1] += 1.0 if dd < 0 else 0.5
+                self.bends[2] += 1
+        self.previous.append(v)
 
     def _decide(self, record: Record, trend: LossTrend) -> list[Fact]:
         v = record.val_loss
@@ -207,32 +242,55 @@ class Overfitting(Detector):
             return []
         s = self.sign
         v *= s
+        self._bend(v)
         # The training loss as last seen finite: after a NaN it stays where it was.
         train = None if trend.latest_unbroken is None else s * trend.latest_unbroken
         if self.best is None or v < self.best - self.min_delta * abs(self.best):
             self.best, self.best_step, self.train_at_best, self.evaluations = v, record.step, train, 0
+            self.train_steps_at_best = trend.latest_steps
             self.since.clear()
             self.latch.check("", False, step=record.step)
             return []
         self.since.append(v)
         self.evaluations += 1
+        level = sum(self.since) / len(self.since)
+        rise = level - self.best
+        # The standard error of the rise: one evaluation (the best) against the mean of the recent ones.
+        noise = self.spread() * math.sqrt(1 + 1 / len(self.since))
         tr, tb = train, self.train_at_best
-        falling = tr is not None and tb is not None and tr < tb - self.train_delta * abs(tb)
-        active = (self.evaluations >= self.patience and min(self.since) > self.best + self.threshold * abs(self.best)
-                  and falling)
+        falling = False
+        if tr is not None and tb is not None:
+            # The per-step spread of the training loss from its rises (a score: its falls), against which the
+            # smoothed losses then and now are compared.
+            steps_now, steps_then = max(trend.latest_steps, 1), max(self.train_steps_at_best, 1)
+            train_noise = trend.spread(-s) * math.sqrt(1 / steps_then + 1 / steps_now)
+            falling = tb - tr > max(self.train_delta * abs(tb), self.train_noise * train_noise)
+        active = (self.evaluations >= self.patience and rise > self.threshold * abs(self.best)
+                  and rise > self.noise * noise and falling)
         if not self.latch.check("", active, step=record.step):
             return []
         assert tr is not None and tb is not None  # falling
-        return [Fact("", values={"evaluations": self.evaluations, "val_loss": v * s, "best": self.best * s,
+        return [Fact("", values={"evaluations": self.evaluations, "val_loss": level * s, "best": self.best * s,
                                  "best_step": self.best_step, "train_at_best": tb * s, "train": tr * s,
-                                 "threshold": self.threshold, "train_delta": self.train_delta})]
+                                 "noise": noise, "recent": len(self.since), "threshold": self.threshold,
+                                 "train_delta": self.train_delta})]
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Resume from `state_dict()`'s values; a state saved before the spread was kept resumes with none known
+        (learned from the evaluations to come)."""
+        d = {"train_steps_at_best": 0, "previous": [], "bends": [0.0, 0.0, 0.0], **d}
+        super().load_state_dict(d)
 
     def _describe(self, fact: Fact) -> tuple[str, str]:
         v = fact.values
         best_step = v["best_step"]
-        return (f"the validation loss has not improved for {v['evaluations']} evaluations and now sits at "
-                f"{fmt(v['val_loss'])}, above its best of {fmt(v['best'])} at step {best_step}, while the training "
-                f"loss fell from {fmt(v['train_at_best'])} to {fmt(v['train'])}: the model memorizes the training set.",
+        recent = int(v.get("recent", 1))
+        level = f"its last {recent} evaluations average" if recent > 1 else "it now sits at"
+        noise = f" (its noise between evaluations: {fmt(v['noise'])})" if v.get("noise") else ""
+        return (f"the validation loss has not improved for {v['evaluations']} evaluations: {level} "
+                f"{fmt(v['val_loss'])}, above its best of {fmt(v['best'])} at step {best_step}{noise}, while the "
+                f"training loss fell from {fmt(v['train_at_best'])} to {fmt(v['train'])}: the model memorizes the "
+                "training set.",
                 "add dropout (`nn.LSTM(..., dropout=0.3)` between layers, `nn.Dropout` before the "
                 "head), use a smaller hidden size, weight decay "
                 "(`torch.optim.AdamW(model.parameters(), weight_decay=1e-2)`), more data, or stop "
