@@ -84,6 +84,11 @@ def find_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[s
         if isinstance(modules, str):
             modules = [modules]
         chosen = [(n, m) for n, m in found if any(fnmatch.fnmatchcase(n, pat) for pat in modules)]
+        # Every name or pattern must match something: a misspelt one beside a good one is a module left out.
+        unmatched = [pat for pat in modules if not any(fnmatch.fnmatchcase(n, pat) for n, _ in found)]
+        if chosen and unmatched:
+            raise ValueError(f"modules={modules!r}: {', '.join(map(repr, unmatched))} matched none of the modules "
+                             f"found: {', '.join(n for n, _ in found)}")
     if not chosen:
         raise ValueError(f"modules={modules!r} matched none of the modules found: {', '.join(n for n, _ in found)}")
     return chosen

@@ -197,3 +197,84 @@ def test_a_compiled_graph_traced_before_watch_is_said():
                     w.step(step())
     finally:
         torch._dynamo.reset()
+
+
+class CellLoop(nn.Module):
+    """An nn.LSTMCell stepped over the first `feats` columns of x (B, T, F), a linear head on the last h."""
+
+    def __init__(self, feats: int = 3, cell: nn.Module | None = None, checkpoint: bool | None = None):
+        super().__init__()
+        self.feats, self.checkpoint = feats, checkpoint
+        self.cell = cell if cell is not None else nn.LSTMCell(feats, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = c = x.new_zeros(x.shape[0], 8)
+        if self.checkpoint:
+            h = c = h.requires_grad_()  # a reentrant checkpoint keeps a graph only for inputs that require grad
+        for t in range(x.shape[1]):
+            xt = x[:, t, :self.feats]
+            if self.checkpoint is None:
+                h, c = self.cell(xt, (h, c))
+            else:  # the states as tensors of their own: a reentrant checkpoint does not look inside a tuple
+                h, c = checkpoint(lambda a, b, s: self.cell(a, (b, s)), xt, h, c, use_reentrant=self.checkpoint)
+        return self.head(h)
+
+
+def _cell_run(model: nn.Module, x: torch.Tensor, steps: int = 3):
+    opt = torch.optim.SGD(model.parameters(), 1e-2)
+    with lstmwatch.watch(model, log_every=1, console=False) as w:
+        for _ in range(steps):
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            w.step(loss)
+    return w
+
+
+def test_a_nan_where_the_cell_never_reads_is_not_the_cells():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 4)
+    x[:, :, 3] = float("nan")  # a column the loop leaves out (the cell reads x[:, t, :3])
+    w = _cell_run(CellLoop(3), x)
+    assert not [e for e in w.events if e.kind == "nonfinite"]
+    x[1, 2, 0] = float("nan")  # one the cell does read: named at once
+    w = _cell_run(CellLoop(3), x)
+    assert [e.step for e in w.events if e.kind == "nonfinite"][:1] == [1]
+
+
+def test_a_reentrant_checkpoint_leaves_a_cells_gradient_through_time_out_and_says_so():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 3)
+    w = _cell_run(CellLoop(3, checkpoint=False), x)  # non-reentrant: the calls run in order, kept
+    assert w.records[-1].curves.get("cell/gtt")
+    with pytest.warns(lstmwatch.LSTMWatchFailure, match="use_reentrant"):
+        w = _cell_run(CellLoop(3, checkpoint=True), x)
+    assert "cell/gtt" not in w.records[-1].curves and "cell/l0/forget/mean" in w.records[-1].stats
+
+
+class LayerNormCell(nn.LSTMCell):
+    """An LSTMCell subclass computing a layer-normalized cell of its own: not nn.LSTMCell's equations."""
+
+    def __init__(self, inp: int, hidden: int):
+        super().__init__(inp, hidden)
+        self.ln = nn.LayerNorm(4 * hidden)
+
+    def forward(self, x, hx=None):
+        h, c = hx
+        z = self.ln(F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, self.weight_hh, self.bias_hh))
+        i, f, g, o = z.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_a_cell_subclass_with_its_own_forward_has_no_made_up_gates():
+    torch.manual_seed(0)
+    with pytest.warns(lstmwatch.LSTMWatchFailure, match="forward of its own"):
+        w = _cell_run(CellLoop(3, cell=LayerNormCell(3, 8)), torch.randn(4, 6, 3))
+    stats = w.records[-1].stats
+    assert not [k for k in stats if k.startswith("cell/l0/") and k.endswith(("/mean", "/sat_right"))]
+    assert stats["cell/grad_norm"] > 0 and w.records[-1].curves.get("cell/gtt")

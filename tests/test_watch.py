@@ -133,6 +133,9 @@ def test_modules_matching_none_raises_value_error_listing_found():
         assert name in str(err.value)
     with pytest.raises(ValueError):
         lstmwatch.watch(Seq2Seq(), modules=lambda n, m: False)
+    # A misspelt name beside a good one: refused, naming it, not silently left out.
+    with pytest.raises(ValueError, match="'decc'"):
+        lstmwatch.watch(Seq2Seq(), modules=["enc", "decc"])
 
 
 # --- the schedule

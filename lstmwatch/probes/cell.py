@@ -17,22 +17,38 @@ from .. import keys, recurrence, stats
 from ..gates import weights
 from ..schedule import Clock
 from .base import DATA_SITE, GATES_SITE, Probe, gate_items, gtt_items, recomputing, scaler_of, unscale, wide
-from .hooks import eager_only
+from .hooks import eager_only, overrides_forward
+
+
+def _tiles(base: Tensor, views: list[Tensor]) -> bool:
+    """Whether `views` cover `base` exactly: each one index of one of its dimensions (x[:, t], x[t]), all
+    distinct, as many as that dimension's size. Shapes and offsets only, nothing on the device."""
+    if not views or any(v.dim() != base.dim() - 1 or v.shape != views[0].shape for v in views):
+        return False
+    return len(views) * views[0].numel() == base.numel() and len({v.storage_offset() for v in views}) == len(views)
 
 
 class CellProbe(Probe):
     """nn.LSTMCell or nn.GRUCell; subclasses name the kind and the recurrence (`cell`)."""
 
     module: nn.RNNCellBase
+    kernel: type[nn.RNNCellBase]  # nn.LSTMCell or nn.GRUCell: the class whose forward is the standard cell
     max_calls = 10_000  # timesteps kept per logging step, to bound memory
     data_batch = 256  # inputs held for the NaN/Inf check before they are reduced
 
     def __init__(self, name: str, module: nn.Module, clock: Clock):
         super().__init__(name, module, clock)
+        self._custom = overrides_forward(module, self.kernel)  # a subclass computing a cell of its own
+        self._custom_said = False
         # The step's calls' inputs, checked for NaN/Inf in one reduction per step (or per `data_batch` calls): a
         # cell runs once per timestep, and a reduction per call would cost more than the cell's own step.
         self._inputs: list[Tensor] = []
         self._data_base: Tensor | None = None  # the tensor this step's inputs are views of (`_mark_data`)
+        self._base_views: list[Tensor] = []  # those views
+        self._reentrant_said = False  # the note that a reentrant checkpoint hides the calls' order was made
+        # Recomputed calls: the last one's h output, and whether a call's state was not it (a segment boundary).
+        self._last_h: Tensor | None = None
+        self._broken = False
         self._n_inputs = self._last_inputs = 0  # inputs noted in this step, in the previous one
         self._calls: list[tuple[Tensor, Tensor, Tensor | None]] = []  # (x (S, F), h (S, H), c (S, H) or None)
         self._hgrads: list[Tensor | None] = []  # dL/dh_t (S, H) per call
@@ -88,6 +104,9 @@ class CellProbe(Probe):
         state = [(s.detach().unsqueeze(0) if unbatched else s.detach())[rows] for s in given] if given else None
         if state is None:
             state = [x.new_zeros(rows.stop - rows.start, m.hidden_size)] * 2
+        if recomputed and self._calls and (given is None or given[0] is not self._last_h):
+            self._broken = True  # recomputed segment by segment: this call does not follow the one before
+        self._last_h = h_out[0] if h_out is not None else None
         self._calls.append((x[rows], state[0], state[1] if lstm else None))
         self._hgrads.append(None)
         self._recomputed = recomputed
@@ -108,12 +127,15 @@ class CellProbe(Probe):
     def _drop(self) -> None:
         super()._drop()
         self._calls, self._hgrads = [], []
+        self._last_h, self._broken = None, False
 
     def _mark_data(self, x: Tensor) -> None:
         """Note a call's input for the step's NaN/Inf check, without a device operation.
 
         `cell(x[:, t], ...)` over t, the usual loop, passes views of one tensor: the step's first such view names
-        that tensor (`_data_base`), summed once at the end of the step, and its other views need nothing kept.
+        that tensor (`_data_base`), summed once at the end of the step if the step's views of it cover all of it
+        exactly (distinct slices of one index, as many as it has), else the views themselves are summed: a NaN
+        in what the cell never reads (padding past a sequence's end, a column left out) is not the cell's.
         It qualifies when the previous step's calls together were at least half its size: never a whole
         dataset the batches are sliced from. Other inputs are kept by reference (autograd holds them anyway).
         """
@@ -121,9 +143,10 @@ class CellProbe(Probe):
         b = x._base
         if b is not None:
             if b is self._data_base:
+                self._base_views.append(x)
                 return
             if self._data_base is None and b.numel() <= 2 * x.numel() * self._last_inputs:
-                self._data_base = b
+                self._data_base, self._base_views = b, [x]
                 return
         self._inputs.append(x)
         if len(self._inputs) >= self.data_batch:  # a step of many calls, or step() never called: bound the refs
@@ -135,8 +158,11 @@ class CellProbe(Probe):
         xs, self._inputs = self._inputs, []
         parts = []
         if final and self._data_base is not None:
-            base, self._data_base = self._data_base, None
-            parts.append(base.detach().sum(dtype=wide(base.dtype)))
+            base, views, self._data_base, self._base_views = self._data_base, self._base_views, None, []
+            if _tiles(base, views):
+                parts.append(base.detach().sum(dtype=wide(base.dtype)))
+            else:
+                xs = [v.detach() for v in views] + xs
         if xs:
             dtype = wide(xs[0].dtype)
             with torch.no_grad():
@@ -164,6 +190,7 @@ class CellProbe(Probe):
         self._last_inputs, self._n_inputs = self._n_inputs, 0
         super().end_step()
         self._calls, self._hgrads, self._rows, self._recomputed = [], [], None, False
+        self._last_h, self._broken = None, False
 
     def _internals(self, step: int) -> dict[str, Tensor]:
         """Gates of every captured call at once, with the weights of the forward; gradient through time."""
@@ -179,11 +206,31 @@ class CellProbe(Probe):
         # packed=True: one call is one timestep, so trailing zero steps say nothing about padding here.
         items = {keys.data_key(n, k): v for k, v in stats.data_stats(x, mask, packed=True).items()}
         lab = keys.layer_label(0)
-        with torch.no_grad():
-            layer = self.cell.step(p, x, h, c)
-            items.update(gate_items(n, lab, self.cell.stats(layer, None)))  # None: every step valid
-        self._mark(GATES_SITE, torch.isfinite(layer.h).all())
-        if any(g is not None for g in self._hgrads):
+        if self._custom:
+            # A subclass with a forward of its own (a LayerNorm cell, say) computes what lstmwatch cannot know:
+            # gates from the standard equations would be another cell's. Its gradients and inputs are measured.
+            if not self._custom_said:
+                self._custom_said = True
+                self.notes.append(("custom", f"{n} is a {type(self.module).__name__}, a subclass of "
+                                   f"{self.kernel.__name__} with a forward of its own: lstmwatch cannot know what "
+                                   "it computes, so its gates and saturation are left out (gradient norms, the "
+                                   "gradient through time, input statistics and the NaN/Inf watch go on)"))
+        else:
+            with torch.no_grad():
+                layer = self.cell.step(p, x, h, c)
+                items.update(gate_items(n, lab, self.cell.stats(layer, None)))  # None: every step valid
+            self._mark(GATES_SITE, torch.isfinite(layer.h).all())
+        unordered = self._recomputed and self._broken
+        if unordered and not self._reentrant_said:
+            # Calls recomputed by a reentrant checkpoint during backward come segment by segment, the last first
+            # (one segment around the whole loop keeps its order: each call's state is the last one's output):
+            # their order in time is unknown, and a gradient through time in the wrong order reads as growth.
+            self._reentrant_said = True
+            self.notes.append(("reentrant", f"{n}'s calls are recomputed by torch.utils.checkpoint(use_reentrant="
+                               "True) during backward, last segment first, so their order in time is unknown: "
+                               "its gradient through time is left out (gates, saturation and gradient norms go "
+                               "on). `use_reentrant=False` keeps it"))
+        if any(g is not None for g in self._hgrads) and not unordered:
             zero = torch.zeros_like(h)[:, 0]
             g = torch.stack([gt if gt is not None else zero for gt in self._hgrads], 1)  # (S, T, H)
             tt = stats.through_time(g, mask, reverse=False)
@@ -215,6 +262,7 @@ class LSTMCellProbe(CellProbe):
 
     kind = "lstm_cell"
     cell = recurrence.LSTM
+    kernel = nn.LSTMCell
 
 
 class GRUCellProbe(CellProbe):
@@ -222,3 +270,4 @@ class GRUCellProbe(CellProbe):
 
     kind = "gru_cell"
     cell = recurrence.GRU
+    kernel = nn.GRUCell
