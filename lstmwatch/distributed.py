@@ -215,10 +215,13 @@ def _count_optimizer_steps(ranks: Ranks, params: set[int]) -> None:
         r = ref()
         if r is None:
             return
-        known = holds.get(opt)
-        if known is None or known[0] != len(opt.param_groups):
-            known = holds[opt] = (len(opt.param_groups),
-                                  any(id(p) in params for g in opt.param_groups for p in g["params"]))
+        try:  # inside the user's optimizer.step(): an optimizer of an unusual shape must not raise there
+            known = holds.get(opt)
+            if known is None or known[0] != len(opt.param_groups):
+                known = holds[opt] = (len(opt.param_groups),
+                                      any(id(p) in params for g in opt.param_groups for p in g["params"]))
+        except Exception:  # noqa: BLE001 - not counted: its steps cannot be told apart
+            return
         if known[1]:
             r.optimizer_steps += 1
 

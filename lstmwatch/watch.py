@@ -100,7 +100,8 @@ def _before_optimizer_step(ref: weakref.ref[Watcher]) -> Callable[..., None]:
     def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         w = ref()
         if w is not None and not w.closed and w.clock.logging:
-            w._grads_before_step(opt)
+            w._guard(w, "reading gradients before an optimizer step", w._grads_before_step, opt,
+                     switch_off=False)  # it runs inside the user's optimizer.step(): nothing may raise there
 
     return hook
 

@@ -278,3 +278,21 @@ def test_a_cell_subclass_with_its_own_forward_has_no_made_up_gates():
     stats = w.records[-1].stats
     assert not [k for k in stats if k.startswith("cell/l0/") and k.endswith(("/mean", "/sat_right"))]
     assert stats["cell/grad_norm"] > 0 and w.records[-1].curves.get("cell/gtt")
+
+
+
+def test_a_failure_in_the_optimizer_step_hook_never_reaches_the_optimizer(monkeypatch):
+    # The optimizer step pre-hook runs inside the user's optimizer.step(): whatever fails there is said, not raised.
+    from lstmwatch.watch import Watcher
+
+    monkeypatch.setattr(Watcher, "_grads_before_step", lambda self, opt: 1 / 0)
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), 1e-2)
+    with pytest.warns(lstmwatch.LSTMWatchFailure, match="optimizer step failed.*ZeroDivisionError"):
+        with lstmwatch.watch(model, log_every=1, console=False) as w:
+            loss = F.mse_loss(model(torch.randn(4, 5, 3)), torch.randn(4, 1))
+            loss.backward()
+            opt.step()  # the hook fails inside it; the step is taken
+            w.step(loss)
+    assert model.lstm.weight_hh_l0.grad is not None
